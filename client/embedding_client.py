@@ -1,0 +1,174 @@
+"""Embedding person crops through Triton over gRPC.
+
+`EmbeddingClient` sends encoded images to the `osnet` ensemble (or preprocessed tensors to a tensor
+model) and returns L2-normalised embeddings. Transport failures become the few exceptions below,
+with messages that say what to do; nothing else from gRPC leaks out.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from engine_builder.errors import OsnetTritonError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_URL = "127.0.0.1:8001"
+ENSEMBLE_MODEL = "osnet"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+class ClientError(OsnetTritonError):
+    """Base class of the client's errors."""
+
+
+class ServerUnavailableError(ClientError):
+    """No Triton server answers at the URL."""
+
+
+class ModelNotFoundError(ClientError):
+    """The server answers but does not serve the model (or it is not ready)."""
+
+
+class InvalidInputError(ClientError):
+    """The server refused the input: an undecodable image, a wrong shape or dtype, an empty batch."""
+
+
+@dataclass(frozen=True)
+class ServerHealth:
+    url: str
+    live: bool
+    ready: bool
+    server_version: str
+    models: dict[str, str]  # name -> "READY" or the reason it is not
+
+
+def _describe_model_state(entry: dict) -> str:
+    state = entry.get("state") or "UNKNOWN"
+    return f"{state} ({entry['reason']})" if entry.get("reason") and state != "READY" else state
+
+
+def _translate(exc: InferenceServerException, url: str, model: str) -> ClientError:
+    status = exc.status() or ""
+    message = exc.message() or str(exc)
+    if "UNAVAILABLE" in status or "DEADLINE_EXCEEDED" in status:
+        return ServerUnavailableError(f"no Triton server reachable at {url} ({status}): is tritonserver running?")
+    if "NOT_FOUND" in status or "unknown model" in message or "is not found" in message:
+        return ModelNotFoundError(f"server at {url} does not serve model {model!r}: {message}")
+    if "INVALID_ARG" in status:
+        return InvalidInputError(message)
+    return ClientError(f"{model} at {url} failed ({status}): {message}")
+
+
+class EmbeddingClient:
+    """A gRPC client for one server; safe to share between threads."""
+
+    def __init__(self, url: str = DEFAULT_URL, model: str = ENSEMBLE_MODEL, timeout_s: float = 60.0):
+        self.url = url
+        self.model = model
+        self.timeout_s = timeout_s
+        self._client = grpcclient.InferenceServerClient(url)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> EmbeddingClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def embed_images(self, images: Sequence[bytes], output: str = "EMBEDDING") -> np.ndarray:
+        """Embed encoded JPEG/PNG images in one request: [N, 512] FP32."""
+        if len(images) == 0:
+            raise InvalidInputError("empty batch: pass at least one image")
+        encoded = np.array([[image] for image in images], dtype=np.object_)
+        request = grpcclient.InferInput("IMAGE", list(encoded.shape), "BYTES")
+        request.set_data_from_numpy(encoded)
+        return self._infer(self.model, request, output)
+
+    def embed_tensors(self, tensors: np.ndarray, model: str, output: str = "EMBEDDING") -> np.ndarray:
+        """Embed preprocessed images [N, 3, 256, 128] FP32 with a tensor model such as `osnet_x1_0_fp32`."""
+        if tensors.ndim != 4 or len(tensors) == 0:
+            raise InvalidInputError(f"expected a non-empty batch [N, 3, 256, 128], got shape {tensors.shape}")
+        request = grpcclient.InferInput("INPUT", list(tensors.shape), "FP32")
+        request.set_data_from_numpy(np.ascontiguousarray(tensors, dtype=np.float32))
+        return self._infer(model, request, output)
+
+    def _infer(self, model: str, request: grpcclient.InferInput, output: str) -> np.ndarray:
+        try:
+            result = self._client.infer(
+                model, [request], outputs=[grpcclient.InferRequestedOutput(output)], client_timeout=self.timeout_s
+            )
+        except InferenceServerException as exc:
+            raise _translate(exc, self.url, model) from None
+        return result.as_numpy(output)
+
+    def health(self) -> ServerHealth:
+        try:
+            live = self._client.is_server_live()
+            ready = self._client.is_server_ready()
+            version = self._client.get_server_metadata(as_json=True).get("version", "?")
+            index = self._client.get_model_repository_index(as_json=True).get("models", [])
+        except InferenceServerException as exc:
+            raise _translate(exc, self.url, self.model) from None
+        models = {m["name"]: _describe_model_state(m) for m in index}
+        return ServerHealth(url=self.url, live=live, ready=ready, server_version=version, models=models)
+
+
+def list_images(paths: Sequence[str | Path]) -> list[Path]:
+    """Files as given, and the images inside folders (sorted); anything missing is an error."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise InvalidInputError(f"{path} does not exist")
+    return found
+
+
+def read_image_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _batches(items: Sequence[Path], batch_size: int) -> Iterator[Sequence[Path]]:
+    for start in range(0, len(items), batch_size):
+        yield items[start : start + batch_size]
+
+
+def embed_files(
+    client: EmbeddingClient, paths: Sequence[Path], batch_size: int = 16, concurrency: int = 4
+) -> np.ndarray:
+    """Embed image files in batches with `concurrency` requests in flight; rows follow `paths`."""
+    if batch_size < 1 or concurrency < 1:
+        raise ValueError("batch_size and concurrency must be >= 1")
+    if not paths:
+        raise InvalidInputError("no images to embed")
+
+    def embed_batch(batch: Sequence[Path]) -> np.ndarray:
+        try:
+            return client.embed_images([read_image_bytes(path) for path in batch])
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"batch {batch[0].name}..{batch[-1].name}: {exc}") from None
+
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        return np.concatenate(list(pool.map(embed_batch, _batches(paths, batch_size))))
+
+
+def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity between rows of `a` [N, D] and rows of `b` [M, D]: [N, M]."""
+    a = a / np.linalg.norm(a, axis=-1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=-1, keepdims=True)
+    return a @ b.T

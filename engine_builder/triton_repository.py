@@ -1,0 +1,139 @@
+"""Writes the Triton model repository that `tritonserver --model-repository triton_repo` serves.
+
+Configs are built as `ModelConfig` protobuf messages (Triton's own schema, shipped in tritonclient)
+and rendered with protobuf's text format, so a config we write always parses in the server.
+
+The CPU repository holds three models:
+- `preprocess`: python backend, encoded image bytes -> INPUT tensor (torchreid's FeatureExtractor);
+- `<variant>_fp32`: python backend running ONNX Runtime on model.onnx;
+- `osnet`: ensemble IMAGE -> preprocess -> <variant>_fp32 -> EMBEDDING, FEATURES.
+The python-backend sources are committed at the top of `triton_repo/` and copied into each model.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as pb
+
+from engine_builder.export import EMBEDDING_NAME, FEATURES_NAME, INPUT_NAME
+from engine_builder.models import FEATURE_DIM, INPUT_HEIGHT, INPUT_WIDTH
+
+logger = logging.getLogger(__name__)
+
+PYTHON_MODEL_SOURCES = Path(__file__).resolve().parent.parent / "triton_repo"
+PREPROCESS_MODEL = "preprocess"
+ENSEMBLE_MODEL = "osnet"
+IMAGE_NAME = "IMAGE"
+# A 4K frame is 8.3 MP; anything far larger sent as a person crop is a mistake or an attack.
+DEFAULT_MAX_IMAGE_PIXELS = 16_000_000
+
+
+@dataclass(kw_only=True)
+class CpuRepositorySettings:
+    """How the CPU models are served. `None` means: let the server or the runtime decide."""
+
+    max_batch_size: int = 64
+    instances: int = 1
+    intra_op_threads: int | None = None
+    max_queue_delay_us: int = 100
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    # The environment the python-backend stub runs in: by default the venv doing the build.
+    execution_env: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.instances < 1:
+            raise ValueError(f"instances must be >= 1, got {self.instances}")
+        if self.intra_op_threads is not None and self.intra_op_threads < 1:
+            raise ValueError(f"intra_op_threads must be >= 1, got {self.intra_op_threads}")
+        if self.execution_env is None and sys.prefix != sys.base_prefix:
+            self.execution_env = Path(sys.prefix)
+
+
+def tensor_model_name(variant: str, precision: str = "fp32") -> str:
+    return f"{variant}_{precision}"
+
+
+def render_config(config: pb.ModelConfig) -> str:
+    return text_format.MessageToString(config)
+
+
+def parse_config(text: str) -> pb.ModelConfig:
+    return text_format.Parse(text, pb.ModelConfig())
+
+
+def _python_model_config(name: str, settings: CpuRepositorySettings) -> pb.ModelConfig:
+    config = pb.ModelConfig(name=name, backend="python", max_batch_size=settings.max_batch_size)
+    config.dynamic_batching.max_queue_delay_microseconds = settings.max_queue_delay_us
+    config.instance_group.add(kind=pb.ModelInstanceGroup.KIND_CPU, count=settings.instances)
+    if settings.execution_env is not None:
+        config.parameters["EXECUTION_ENV_PATH"].string_value = str(settings.execution_env)
+    return config
+
+
+def _add_embedding_outputs(config: pb.ModelConfig) -> None:
+    for name in (EMBEDDING_NAME, FEATURES_NAME):
+        config.output.add(name=name, data_type=pb.TYPE_FP32, dims=[FEATURE_DIM])
+
+
+def preprocess_config(settings: CpuRepositorySettings) -> pb.ModelConfig:
+    config = _python_model_config(PREPROCESS_MODEL, settings)
+    config.input.add(name=IMAGE_NAME, data_type=pb.TYPE_STRING, dims=[1])
+    config.output.add(name=INPUT_NAME, data_type=pb.TYPE_FP32, dims=[3, INPUT_HEIGHT, INPUT_WIDTH])
+    config.parameters["MAX_IMAGE_PIXELS"].string_value = str(settings.max_image_pixels)
+    return config
+
+
+def onnxruntime_model_config(name: str, settings: CpuRepositorySettings) -> pb.ModelConfig:
+    config = _python_model_config(name, settings)
+    config.input.add(name=INPUT_NAME, data_type=pb.TYPE_FP32, dims=[3, INPUT_HEIGHT, INPUT_WIDTH])
+    _add_embedding_outputs(config)
+    if settings.intra_op_threads is not None:
+        config.parameters["INTRA_OP_THREADS"].string_value = str(settings.intra_op_threads)
+    return config
+
+
+def ensemble_config(tensor_model: str, max_batch_size: int) -> pb.ModelConfig:
+    config = pb.ModelConfig(name=ENSEMBLE_MODEL, platform="ensemble", max_batch_size=max_batch_size)
+    config.input.add(name=IMAGE_NAME, data_type=pb.TYPE_STRING, dims=[1])
+    _add_embedding_outputs(config)
+    preprocess = config.ensemble_scheduling.step.add(model_name=PREPROCESS_MODEL, model_version=-1)
+    preprocess.input_map[IMAGE_NAME] = IMAGE_NAME
+    preprocess.output_map[INPUT_NAME] = "preprocessed_image"
+    embed = config.ensemble_scheduling.step.add(model_name=tensor_model, model_version=-1)
+    embed.input_map[INPUT_NAME] = "preprocessed_image"
+    for name in (EMBEDDING_NAME, FEATURES_NAME):
+        embed.output_map[name] = name
+    return config
+
+
+def write_model(repository: Path, config: pb.ModelConfig, python_source: str | None = None) -> Path:
+    """Write `config` (and, for python-backend models, `model.py` from the committed source) as version 1."""
+    version_dir = repository / config.name / "1"
+    version_dir.mkdir(parents=True, exist_ok=True)
+    if python_source is not None:
+        source = PYTHON_MODEL_SOURCES / python_source
+        if not source.is_file():
+            raise FileNotFoundError(f"python-backend source {source} is missing: is this a checkout of osnet-triton?")
+        shutil.copyfile(source, version_dir / "model.py")
+    (repository / config.name / "config.pbtxt").write_text(render_config(config))
+    logger.info("wrote model %s into %s", config.name, repository)
+    return version_dir
+
+
+def write_cpu_models(repository: Path, variant: str, settings: CpuRepositorySettings) -> str:
+    """Write preprocess, the ONNX Runtime tensor model and the ensemble; model.onnx must be exported separately.
+
+    Returns the tensor model's name.
+    """
+    tensor_model = tensor_model_name(variant)
+    write_model(repository, preprocess_config(settings), "image_preprocessor.py")
+    write_model(repository, onnxruntime_model_config(tensor_model, settings), "onnxruntime_embedder.py")
+    write_model(repository, ensemble_config(tensor_model, settings.max_batch_size))
+    return tensor_model

@@ -1,0 +1,170 @@
+"""The embedded default end to end: JPEG bytes -> real tritonserver (CPU) -> gRPC embeddings."""
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+from client.embedding_client import EmbeddingClient, InvalidInputError, ModelNotFoundError, ServerUnavailableError
+from client.triton_server import find_free_port
+from engine_builder.preprocessing import preprocess_encoded
+from engine_builder.synthetic_people import encode_jpeg, person_jpegs, render_person
+
+pytestmark = pytest.mark.server
+
+
+@pytest.fixture
+def client(triton_server):
+    with EmbeddingClient(triton_server.grpc_url) as client:
+        yield client
+
+
+def reference_embeddings(model, jpegs: list[bytes]) -> np.ndarray:
+    """The in-process PyTorch pipeline: torchreid preprocessing, eval OSNet, L2 normalisation."""
+    with torch.inference_mode():
+        features = model(torch.stack([preprocess_encoded(jpeg) for jpeg in jpegs]))
+    return torch.nn.functional.normalize(features, dim=1).numpy()
+
+
+def test_ensemble_embedding_matches_in_process_pytorch(client, served_model):
+    jpegs = person_jpegs(6, cameras=3)
+    served = client.embed_images(jpegs)
+    assert served.shape == (6, 512) and served.dtype == np.float32
+    cosines = np.sum(served * reference_embeddings(served_model, jpegs), axis=1)
+    assert cosines.min() >= 0.9999, cosines
+
+
+def test_png_and_grayscale_and_rgba_decode_like_pytorch(client, served_model):
+    encoded = []
+    for mode, fmt in [("L", "PNG"), ("RGBA", "PNG"), ("RGB", "PNG")]:
+        buffer = io.BytesIO()
+        render_person(5, camera=1).convert(mode).resize((97, 211)).save(buffer, format=fmt)
+        encoded.append(buffer.getvalue())
+    cosines = np.sum(client.embed_images(encoded) * reference_embeddings(served_model, encoded), axis=1)
+    assert cosines.min() >= 0.9999, cosines
+
+
+def test_features_output_is_the_raw_eval_feature(client, served_model):
+    jpeg = person_jpegs(1)
+    with torch.inference_mode():
+        expected = served_model(preprocess_encoded(jpeg[0])[None]).numpy()
+    np.testing.assert_allclose(client.embed_images(jpeg, output="FEATURES"), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_tensor_model_serves_preprocessed_batches(client, served_model, tensor_model):
+    images = torch.randn(5, 3, 256, 128)
+    with torch.inference_mode():
+        expected = torch.nn.functional.normalize(served_model(images), dim=1).numpy()
+    np.testing.assert_allclose(client.embed_tensors(images.numpy(), tensor_model), expected, atol=1e-5)
+
+
+def test_sixteen_concurrent_clients_each_get_their_own_embedding(triton_server, served_model):
+    jpegs = [encode_jpeg(render_person(identity, camera=identity % 3)) for identity in range(16)]
+    expected = reference_embeddings(served_model, jpegs)
+
+    def embed_alone(index: int) -> np.ndarray:
+        with EmbeddingClient(triton_server.grpc_url) as own_client:
+            return np.stack([own_client.embed_images([jpegs[index]])[0] for _ in range(3)])
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        results = list(pool.map(embed_alone, range(16)))
+    similarity = np.stack([r.mean(axis=0) for r in results]) @ expected.T
+    # Each client's answer is its own image's embedding and nobody else's.
+    assert np.all(np.argmax(similarity, axis=1) == np.arange(16))
+    assert np.diag(similarity).min() >= 0.9999
+    for index, result in enumerate(results):
+        np.testing.assert_allclose(result, np.broadcast_to(expected[index], result.shape), atol=2e-4)
+
+
+def png_of_size(width: int, height: int) -> bytes:
+    """A valid 1-bit PNG of any size whose pixels are all zero: tiny to send, huge to decode."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\x00" * (1 + (width + 7) // 8)
+    compressor = zlib.compressobj(9)
+    pixels = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (encode_jpeg(render_person(1))[:400], "not a decodable image"),
+        (b"", "is empty"),
+        (b"definitely not an image", "not in any image format"),
+        (png_of_size(20000, 20000), "20000x20000 pixels, over the limit"),
+    ],
+    ids=["truncated_jpeg", "empty_bytes", "garbage", "decompression_bomb"],
+)
+def test_bad_image_is_a_clear_error_and_the_server_keeps_serving(client, payload, message):
+    with pytest.raises(InvalidInputError, match=message):
+        client.embed_images([payload])
+    assert client.embed_images(person_jpegs(1)).shape == (1, 512)
+
+
+def test_one_bad_image_fails_only_its_own_request(triton_server, client):
+    good, bad = person_jpegs(1)[0], b"\xff\xd8\xff broken"
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        outcomes = list(pool.map(lambda payload: _try_embed(triton_server.grpc_url, payload), [good, bad] * 4))
+    assert outcomes == ["ok", "IMAGE[0]"] * 4
+
+
+def _try_embed(url: str, payload: bytes) -> str:
+    with EmbeddingClient(url) as client:
+        try:
+            client.embed_images([payload])
+        except InvalidInputError as exc:
+            return "IMAGE[0]" if "IMAGE[0]" in str(exc) else str(exc)
+    return "ok"
+
+
+@pytest.mark.parametrize(
+    ("shape", "datatype", "message"),
+    [
+        ((1, 3, 256, 127), "FP32", "unexpected shape for input 'INPUT'"),
+        ((1, 3, 256, 128), "FP64", "data-type is 'FP64'"),
+        ((65, 3, 256, 128), "FP32", "batch-size must be <= 64"),
+    ],
+    ids=["wrong_shape", "wrong_dtype", "batch_too_large"],
+)
+def test_wrong_tensor_is_refused_with_a_clear_message(triton_server, client, shape, datatype, message, tensor_model):
+    raw = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    request = grpcclient.InferInput("INPUT", list(shape), datatype)
+    request.set_data_from_numpy(np.zeros(shape, dtype=np.float64 if datatype == "FP64" else np.float32))
+    with pytest.raises(InferenceServerException, match=message):
+        raw.infer(tensor_model, [request])
+    raw.close()
+    assert client.embed_tensors(np.zeros((1, 3, 256, 128), np.float32), tensor_model).shape == (1, 512)
+
+
+def test_empty_batch_is_refused_before_sending(client, tensor_model):
+    with pytest.raises(InvalidInputError, match="empty batch"):
+        client.embed_images([])
+    with pytest.raises(InvalidInputError, match="non-empty batch"):
+        client.embed_tensors(np.zeros((0, 3, 256, 128), np.float32), tensor_model)
+
+
+def test_missing_model_and_unreachable_server_are_named(triton_server):
+    with EmbeddingClient(triton_server.grpc_url, model="osnet_x9_9") as client:
+        with pytest.raises(ModelNotFoundError, match="osnet_x9_9"):
+            client.embed_images(person_jpegs(1))
+    with EmbeddingClient(f"127.0.0.1:{find_free_port()}", timeout_s=5) as client:
+        with pytest.raises(ServerUnavailableError, match="is tritonserver running"):
+            client.embed_images(person_jpegs(1))
+
+
+def test_health_reports_every_model_ready(client, tensor_model):
+    health = client.health()
+    assert health.live and health.ready
+    assert health.models == {"osnet": "READY", "preprocess": "READY", tensor_model: "READY"}
+    assert health.server_version.startswith("2.")

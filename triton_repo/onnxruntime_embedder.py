@@ -1,0 +1,47 @@
+"""Triton python-backend model `<variant>_fp32`: OSNet embeddings with ONNX Runtime on the CPU.
+
+Copied to `<variant>_fp32/1/model.py` by `osnet-build`, beside `model.onnx`. Dynamic batching
+hands `execute` several requests: they are concatenated, run as one batch, and split back.
+"""
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        parameters = config.get("parameters", {})
+        options = ort.SessionOptions()
+        options.inter_op_num_threads = 1
+        if "INTRA_OP_THREADS" in parameters:
+            options.intra_op_num_threads = int(parameters["INTRA_OP_THREADS"]["string_value"])
+        model_path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
+        self.session = ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
+        self.input_name = config["input"][0]["name"]
+        self.output_names = [output["name"] for output in config["output"]]
+        pb_utils.Logger.log_info(f"{args['model_name']}: ONNX Runtime {ort.__version__} on {model_path}")
+
+    def execute(self, requests):
+        inputs = [pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy() for request in requests]
+        try:
+            outputs = self.session.run(self.output_names, {self.input_name: np.concatenate(inputs)})
+        except Exception as exc:  # ORT raises its own exception types; every request must still get an answer
+            error = pb_utils.TritonError(f"ONNX Runtime failed: {exc}")
+            return [pb_utils.InferenceResponse(error=error) for _ in requests]
+        responses = []
+        start = 0
+        for request, batch in zip(requests, inputs):
+            stop = start + len(batch)
+            wanted = set(request.requested_output_names()) or set(self.output_names)
+            tensors = [
+                pb_utils.Tensor(name, np.ascontiguousarray(output[start:stop]))
+                for name, output in zip(self.output_names, outputs)
+                if name in wanted
+            ]
+            responses.append(pb_utils.InferenceResponse(tensors))
+            start = stop
+        return responses
