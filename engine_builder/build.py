@@ -1,14 +1,27 @@
-"""Building a model repository: OSNet -> verified ONNX -> Triton models."""
+"""Building a model repository: OSNet -> verified ONNX -> Triton models, and the GPU path:
+FP16 / INT8 graphs -> precision report -> plugin rewrite (checked on CPU) -> TensorRT engines."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine_builder.export import export_onnx
+import numpy as np
+import onnx
+
+from engine_builder.errors import ExportMismatchError
+from engine_builder.export import EMBEDDING_NAME, export_onnx
+from engine_builder.image_sets import CALIBRATION_SEED, EVALUATION_SEED, image_set
 from engine_builder.models import create_osnet
 from engine_builder.triton_repository import CpuRepositorySettings, tensor_model_name, write_cpu_models
 
 logger = logging.getLogger(__name__)
+
+REDUCED_PRECISIONS = ("fp16", "int8")
+# The rewritten graph must reproduce its own plugin-free source: same arithmetic, other kernels.
+# In a Q/DQ graph a last-bit difference before a QuantizeLinear can flip a rounding to the next
+# INT8 step, and such flips compound through the quantized layers: a looser bound there.
+REWRITE_MIN_COSINE = {"fp16": 0.9999, "int8": 0.998}
 
 
 def build_cpu_repository(
@@ -25,3 +38,110 @@ def build_cpu_repository(
     write_cpu_models(repository, variant, settings)
     logger.info("repository %s ready: tritonserver --model-repository %s", repository, repository)
     return repository
+
+
+@dataclass(kw_only=True)
+class PrecisionBuildSettings:
+    precisions: tuple[str, ...] = REDUCED_PRECISIONS
+    calib_dir: Path | None = None
+    eval_dir: Path | None = None
+    calibration_images: int = 64
+    evaluation_images: int = 64
+    calib_method: str = "percentile"
+    aot_plugins: bool = True
+    floors: dict = field(default_factory=dict)  # precision -> PrecisionFloor, overriding the defaults
+
+    def __post_init__(self) -> None:
+        unknown = set(self.precisions) - set(REDUCED_PRECISIONS)
+        if unknown:
+            raise ValueError(f"unknown precision(s) {sorted(unknown)}: choose from {REDUCED_PRECISIONS}")
+        if self.calibration_images < 1 or self.evaluation_images < 2:
+            raise ValueError("need >= 1 calibration image and >= 2 evaluation images")
+
+
+@dataclass(frozen=True)
+class PrecisionGraphs:
+    """What the precision build wrote into its work directory."""
+
+    fp32: Path
+    plugin_free: dict[str, Path]  # precision -> graph TensorRT builds without our plugins
+    with_plugins: dict[str, Path]  # precision -> the same graph rewritten to plugin nodes
+    report_dir: Path
+
+
+def _check_rewrite(plugin_free: onnx.ModelProto, rewritten: onnx.ModelProto, images: np.ndarray, precision: str) -> float:
+    """Execute the rewritten graph (plugins as NumPy references) against its source; return the worst cosine."""
+    from engine_builder.precision import embed_with_onnxruntime
+    from kernels.onnxruntime_reference_ops import run_reference
+
+    expected = embed_with_onnxruntime(plugin_free, images)
+    actual = run_reference(rewritten, images, [EMBEDDING_NAME])[0]
+    cosine = float(np.min(np.sum(expected * actual, axis=1) / (np.linalg.norm(expected, axis=1) * np.linalg.norm(actual, axis=1))))
+    if cosine < REWRITE_MIN_COSINE[precision]:
+        raise ExportMismatchError(
+            f"{precision} plugin rewrite changed the embeddings: min cosine {cosine:.6f} < {REWRITE_MIN_COSINE[precision]}"
+        )
+    return cosine
+
+
+def build_precision_graphs(
+    variant: str, work_dir: str | Path, weights: str | Path | None = None, settings: PrecisionBuildSettings | None = None
+) -> PrecisionGraphs:
+    """FP32 export, FP16 / INT8 graphs, each rewritten to plugin nodes (the rewrite checked on CPU
+    against its plugin-free source), and the precision report; the build fails below the floors."""
+    from engine_builder.plugin_rewrite import rewrite_to_plugins
+    from engine_builder.precision import (
+        DEFAULT_FLOORS,
+        compare_with_fp32,
+        embed_with_onnxruntime,
+        enforce_floors,
+        make_fp16_onnx,
+        make_int8_onnx,
+        write_precision_report,
+    )
+    from kernels.onnxruntime_reference_ops import run_reference
+
+    settings = settings or PrecisionBuildSettings()
+    work_dir = Path(work_dir)
+    fp32_path = export_onnx(create_osnet(variant, weights), work_dir / "model_fp32.onnx")
+    fp32 = onnx.load(fp32_path)
+    evaluation = image_set(settings.eval_dir, settings.evaluation_images, EVALUATION_SEED)
+    fp32_embeddings = embed_with_onnxruntime(fp32, evaluation)
+
+    graphs: dict[str, onnx.ModelProto] = {}
+    if "fp16" in settings.precisions:
+        graphs["fp16"] = make_fp16_onnx(fp32)
+    if "int8" in settings.precisions:
+        calibration = image_set(settings.calib_dir, settings.calibration_images, CALIBRATION_SEED)
+        graphs["int8"] = make_int8_onnx(fp32, calibration, method=settings.calib_method)
+
+    floors = {name: settings.floors.get(name, DEFAULT_FLOORS[name]) for name in graphs}
+    results = [
+        compare_with_fp32(name, fp32_embeddings, embed_with_onnxruntime(graph, evaluation), floors[name])
+        for name, graph in graphs.items()
+    ]
+    shipped: dict[str, onnx.ModelProto] = {}
+    for name, graph in graphs.items():
+        exact, counts = rewrite_to_plugins(graph, aot=settings.aot_plugins)
+        cosine = _check_rewrite(graph, exact, evaluation[:2], name)
+        logger.info("%s: %s; rewritten graph == plugin-free graph (min cosine %.7f)", name, counts, cosine)
+        shipped[name] = exact
+    if "int8" in graphs:
+        # The INT8 engine runs the plugins in FP16: report the graph as the engine will run it.
+        shipped["int8"], _ = rewrite_to_plugins(graphs["int8"], aot=settings.aot_plugins, fp16_plugins=True)
+        embeddings = np.concatenate([run_reference(shipped["int8"], evaluation[i : i + 16], [EMBEDDING_NAME])[0]
+                                     for i in range(0, len(evaluation), 16)])
+        results.append(compare_with_fp32("int8 (FP16 plugins, as the engine runs)", fp32_embeddings, embeddings, floors["int8"]))
+    write_precision_report(results, work_dir, variant, str(weights) if weights else "seeded random initialisation")
+    for result in results:
+        logger.info("%s vs fp32: mean cosine %.6f, min %.6f, top-1 agreement %.3f", result.precision,
+                    result.mean_cosine, result.min_cosine, result.top1_agreement)
+    enforce_floors(results)
+
+    plugin_free, with_plugins = {}, {}
+    for name, graph in graphs.items():
+        plugin_free[name] = work_dir / f"model_{name}.onnx"
+        with_plugins[name] = work_dir / f"model_{name}_plugins.onnx"
+        onnx.save(graph, plugin_free[name])
+        onnx.save(shipped[name], with_plugins[name])
+    return PrecisionGraphs(fp32=fp32_path, plugin_free=plugin_free, with_plugins=with_plugins, report_dir=work_dir)

@@ -1,8 +1,13 @@
 """osnet-build: turn OSNet (torchreid weights) into a Triton model repository.
 
-Exports the variant to ONNX with a dynamic batch axis, checks ONNX Runtime against PyTorch, and
-writes `preprocess`, `<variant>_fp32` and the `osnet` ensemble into the repository.
-Serve it with: tritonserver --model-repository <repository>
+  osnet-build [--variant V] [--weights W] [--precision fp32 fp16 int8] ...
+      fp32: exports ONNX (checked against PyTorch) and writes `preprocess`, `<variant>_fp32` and the
+      `osnet` ensemble, served on CPU by ONNX Runtime. fp16 / int8: makes the precision graphs,
+      writes their precision report (failing below the floor), rewrites them to the fused plugins
+      (checked on CPU), and with TensorRT >= 10.9 and a GPU builds `<variant>_fp16|int8` engines.
+  osnet-build check-trt [--variant V] ...
+      with TensorRT and a GPU: engines with and without the fused plugins, cosine and img/s side by side.
+Serve with: tritonserver --model-repository <repository>
 """
 from __future__ import annotations
 
@@ -14,35 +19,109 @@ from pathlib import Path
 from engine_builder.errors import OsnetTritonError
 
 
-def build_parser() -> argparse.ArgumentParser:
+def parse_floor(text: str):
+    from engine_builder.precision import PrecisionFloor
+
+    try:
+        precision, values = text.split("=")
+        mean, minimum, top1 = (float(v) for v in values.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected PRECISION=MEAN_COSINE,MIN_COSINE,TOP1 (e.g. int8=0.98,0.9,0.8), got {text!r}") from None
+    return precision, PrecisionFloor(min_mean_cosine=mean, min_cosine=minimum, min_top1_agreement=top1)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     from engine_builder.models import VARIANTS
 
-    parser = argparse.ArgumentParser(prog="osnet-build", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default="osnet_x1_0", choices=sorted(VARIANTS), help="OSNet variant (default: %(default)s)")
     parser.add_argument("--weights", type=Path, help="torchreid checkpoint (.pth state_dict or .pth.tar); default: seeded random weights")
-    parser.add_argument("--repository", type=Path, default=Path("triton_repo"), help="output model repository (default: %(default)s)")
-    parser.add_argument("--max-batch-size", type=int, default=64, help="Triton max_batch_size (default: %(default)s)")
-    parser.add_argument("--instances", type=int, default=1, help="model instances per model (default: %(default)s)")
-    parser.add_argument("--intra-op-threads", type=int, help="ONNX Runtime threads per instance (default: ONNX Runtime's choice)")
+    parser.add_argument("--max-batch-size", type=int, default=64, help="Triton max_batch_size and engine profile max (default: %(default)s)")
+    parser.add_argument("--work-dir", type=Path, help="where precision graphs, reports and plans go (default: build/<variant>)")
+    parser.add_argument("--calib-dir", type=Path, help="INT8 calibration images (default: generated people)")
+    parser.add_argument("--eval-dir", type=Path, help="held-out images for the precision report (default: generated people)")
+    parser.add_argument("--calib-method", default="percentile", choices=["minmax", "percentile", "entropy"], help="INT8 calibration (default: %(default)s)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="osnet-build", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--repository", type=Path, default=Path("triton_repo"), help="output model repository (default: %(default)s)")
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "fp16", "int8"], help="models to build (default: fp32)")
+    parser.add_argument("--instances", type=int, default=1, help="model instances per model (default: %(default)s)")
+    parser.add_argument("--intra-op-threads", type=int, help="ONNX Runtime threads per CPU instance (default: ONNX Runtime's choice)")
+    parser.add_argument("--jit-plugins", action="store_true", help="JIT (Python/CuPy) plugins instead of AOT PTX; served by the python backend")
+    parser.add_argument("--floor", type=parse_floor, action="append", default=[], metavar="P=MEAN,MIN,TOP1",
+                        help="precision floor, e.g. int8=0.98,0.9,0.8 (defaults in engine_builder/precision.py)")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from engine_builder.build import build_cpu_repository
-    from engine_builder.triton_repository import CpuRepositorySettings
+def build_check_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="osnet-build check-trt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64], help="throughput batch sizes (default: %(default)s)")
+    return parser
 
-    try:
-        settings = CpuRepositorySettings(
-            max_batch_size=args.max_batch_size, instances=args.instances, intra_op_threads=args.intra_op_threads
-        )
+
+def run_build(args: argparse.Namespace) -> int:
+    from engine_builder.build import PrecisionBuildSettings, build_cpu_repository, build_precision_graphs
+    from engine_builder.tensorrt_build import EngineBuildSettings, build_engine, tensorrt_unavailable_reason
+    from engine_builder.triton_repository import CpuRepositorySettings, GpuRepositorySettings, tensor_model_name, write_tensorrt_model
+
+    if "fp32" in args.precision:
+        settings = CpuRepositorySettings(max_batch_size=args.max_batch_size, instances=args.instances, intra_op_threads=args.intra_op_threads)
         build_cpu_repository(args.variant, args.repository, args.weights, settings)
+    reduced = tuple(p for p in args.precision if p != "fp32")
+    if not reduced:
+        return 0
+    work_dir = args.work_dir or Path("build") / args.variant
+    graphs = build_precision_graphs(
+        args.variant, work_dir, args.weights,
+        PrecisionBuildSettings(precisions=reduced, calib_dir=args.calib_dir, eval_dir=args.eval_dir,
+                               calib_method=args.calib_method, aot_plugins=not args.jit_plugins, floors=dict(args.floor)),
+    )
+    print(f"precision graphs and report in {work_dir}/ (precision_report.md)")
+    reason = tensorrt_unavailable_reason()
+    if reason:
+        print(f"osnet-build: engines not built: {reason}. The graphs above are what TensorRT >= 10.9 takes; "
+              "run the same command where TensorRT and a GPU are (NVIDIA's Triton container).", file=sys.stderr)
+        return 0
+    engine_settings = EngineBuildSettings(max_batch_size=args.max_batch_size, timing_cache=work_dir / "timing.cache")
+    for precision, graph in graphs.with_plugins.items():
+        plan = build_engine(graph, work_dir / f"{precision}.plan", engine_settings, plugins=True)
+        write_tensorrt_model(args.repository, tensor_model_name(args.variant, precision), plan,
+                             GpuRepositorySettings(max_batch_size=args.max_batch_size, instances=args.instances),
+                             jit_plugins=args.jit_plugins, report_dir=work_dir)
+    return 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from engine_builder.build import PrecisionBuildSettings, build_precision_graphs
+    from engine_builder.check_trt import check_engines, format_checks
+    from engine_builder.tensorrt_build import TensorRTUnavailableError, tensorrt_unavailable_reason
+
+    reason = tensorrt_unavailable_reason()
+    if reason:
+        raise TensorRTUnavailableError(f"check-trt needs TensorRT and a GPU: {reason}")
+    work_dir = args.work_dir or Path("build") / args.variant
+    graphs = build_precision_graphs(
+        args.variant, work_dir, args.weights,
+        PrecisionBuildSettings(calib_dir=args.calib_dir, eval_dir=args.eval_dir, calib_method=args.calib_method),
+    )
+    print(format_checks(check_engines(graphs, work_dir, args.batch_sizes, args.eval_dir, args.max_batch_size)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    checking = bool(argv) and argv[0] == "check-trt"
+    args = (build_check_parser() if checking else build_parser()).parse_args(argv[1:] if checking else argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return run_check(args) if checking else run_build(args)
     except (OsnetTritonError, ValueError) as exc:
         print(f"osnet-build: error: {exc}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

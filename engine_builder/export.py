@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,11 +69,32 @@ def export_onnx(osnet: nn.Module, path: str | Path, verify_batch_sizes: Sequence
                 output_names=[FEATURES_NAME, EMBEDDING_NAME],
                 dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, FEATURES_NAME, EMBEDDING_NAME)},
             )
+        onnx_model = onnx.load(candidate)
+        bypass_weight_identities(onnx_model)
+        onnx.save(onnx_model, candidate)
         max_abs_error = verify_onnx_against_torch(model, candidate, verify_batch_sizes)
         logger.info("ONNX Runtime matches PyTorch: max abs error %.2e over batches %s", max_abs_error, verify_batch_sizes)
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(candidate, path)
     return path
+
+
+def bypass_weight_identities(model: onnx.ModelProto) -> None:
+    """Drop the Identity nodes the exporter writes for shared weights (the gate's, used by 4 streams):
+    consumers read the initializer itself, which is what quantizers and pattern matchers expect."""
+    initializers = {init.name for init in model.graph.initializer}
+    aliases = {
+        node.output[0]: node.input[0]
+        for node in model.graph.node
+        if node.op_type == "Identity" and node.input[0] in initializers
+    }
+    graph_outputs = {output.name for output in model.graph.output}
+    aliases = {alias: source for alias, source in aliases.items() if alias not in graph_outputs}
+    kept = [node for node in model.graph.node if not (node.op_type == "Identity" and node.output[0] in aliases)]
+    for node in kept:
+        node.input[:] = [aliases.get(name, name) for name in node.input]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
 
 
 def verify_onnx_against_torch(

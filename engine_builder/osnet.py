@@ -118,15 +118,20 @@ class OSBlock(nn.Module):
     def streams(self) -> list[nn.Module]:
         return [self.conv2a, self.conv2b, self.conv2c, self.conv2d]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x1 = self.conv1(x)
+    def aggregate(self, x1: torch.Tensor) -> torch.Tensor:
+        """The streams fused by the shared gate: what the fused kernels replace."""
         gated = [self.gate(stream(x1)) for stream in self.streams()]
-        x2 = gated[0] + gated[1] + gated[2] + gated[3]
+        return gated[0] + gated[1] + gated[2] + gated[3]
+
+    def residual_output(self, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.conv3(x2) + identity
         if self.IN is not None:
             out = self.IN(out)
         return F.relu(out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.residual_output(x, self.aggregate(self.conv1(x)))
 
 
 def build_embedding_head(in_features: int, feature_dim: int) -> nn.Sequential:

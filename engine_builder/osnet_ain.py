@@ -54,15 +54,20 @@ class OSBlockAIN(nn.Module):
     def streams(self) -> list[nn.Module]:
         return list(self.conv2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x1 = self.conv1(x)
+    def aggregate(self, x1: torch.Tensor) -> torch.Tensor:
+        """The streams fused by the shared gate: what the fused kernels replace."""
         gated = [self.gate(stream(x1)) for stream in self.streams()]
-        x2 = gated[0] + gated[1] + gated[2] + gated[3]
+        return gated[0] + gated[1] + gated[2] + gated[3]
+
+    def residual_output(self, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         x3 = self.conv3(x2)
         if self.IN is not None:
-            x3 = self.IN(x3)
+            x3 = self.IN(x3)  # inside the residual branch, unlike OSBlock
         identity = x if self.downsample is None else self.downsample(x)
         return F.relu(x3 + identity)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.residual_output(x, self.aggregate(self.conv1(x)))
 
 
 # Which blocks of each stage carry instance norm, as searched in the paper (torchreid's table).

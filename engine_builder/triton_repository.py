@@ -137,3 +137,56 @@ def write_cpu_models(repository: Path, variant: str, settings: CpuRepositorySett
     write_model(repository, onnxruntime_model_config(tensor_model, settings), "onnxruntime_embedder.py")
     write_model(repository, ensemble_config(tensor_model, settings.max_batch_size))
     return tensor_model
+
+
+@dataclass(kw_only=True)
+class GpuRepositorySettings:
+    """How the TensorRT models are served."""
+
+    max_batch_size: int = 64
+    instances: int = 1
+    max_queue_delay_us: int = 100
+    cuda_graphs: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.instances < 1:
+            raise ValueError("max_batch_size and instances must be >= 1")
+
+
+def tensorrt_model_config(name: str, settings: GpuRepositorySettings) -> pb.ModelConfig:
+    """`tensorrt_plan` with the CPU model's I/O names, so clients and the ensemble do not care which serves."""
+    config = pb.ModelConfig(name=name, platform="tensorrt_plan", max_batch_size=settings.max_batch_size)
+    config.input.add(name=INPUT_NAME, data_type=pb.TYPE_FP32, dims=[3, INPUT_HEIGHT, INPUT_WIDTH])
+    _add_embedding_outputs(config)
+    config.dynamic_batching.max_queue_delay_microseconds = settings.max_queue_delay_us
+    config.instance_group.add(kind=pb.ModelInstanceGroup.KIND_GPU, count=settings.instances)
+    config.optimization.cuda.graphs = settings.cuda_graphs
+    return config
+
+
+def tensorrt_jit_model_config(name: str, settings: GpuRepositorySettings, execution_env: Path | None) -> pb.ModelConfig:
+    """A python-backend model that runs a JIT-plugin plan: those need our plugin module in-process."""
+    config = pb.ModelConfig(name=name, backend="python", max_batch_size=settings.max_batch_size)
+    config.input.add(name=INPUT_NAME, data_type=pb.TYPE_FP32, dims=[3, INPUT_HEIGHT, INPUT_WIDTH])
+    _add_embedding_outputs(config)
+    config.dynamic_batching.max_queue_delay_microseconds = settings.max_queue_delay_us
+    config.instance_group.add(kind=pb.ModelInstanceGroup.KIND_GPU, count=settings.instances)
+    if execution_env is not None:
+        config.parameters["EXECUTION_ENV_PATH"].string_value = str(execution_env)
+    return config
+
+
+def write_tensorrt_model(
+    repository: Path, name: str, plan: Path, settings: GpuRepositorySettings, jit_plugins: bool, report_dir: Path | None = None
+) -> Path:
+    """Install `plan` as `<name>/1/model.plan` with its config (and the precision report beside it)."""
+    if jit_plugins:
+        env = Path(sys.prefix) if sys.prefix != sys.base_prefix else None
+        version_dir = write_model(repository, tensorrt_jit_model_config(name, settings, env), "tensorrt_jit_embedder.py")
+    else:
+        version_dir = write_model(repository, tensorrt_model_config(name, settings))
+    shutil.copyfile(plan, version_dir / "model.plan")
+    if report_dir is not None:
+        for report in report_dir.glob("precision_report.*"):
+            shutil.copyfile(report, repository / name / report.name)
+    return version_dir

@@ -1,0 +1,93 @@
+"""Everything around TensorRT that runs without it: the plugin registration's generated signatures
+and AOT launch arithmetic, the tensorrt_plan config, and the CLI's behaviour where TensorRT is absent."""
+from __future__ import annotations
+
+import inspect
+from types import SimpleNamespace
+
+import pytest
+from tritonclient.grpc import model_config_pb2 as pb
+
+from engine_builder.cli import main
+from engine_builder.tensorrt_build import tensorrt_unavailable_reason
+from engine_builder.triton_repository import GpuRepositorySettings, parse_config, render_config, tensorrt_model_config
+from kernels import launch, tensorrt_plugins
+from kernels.plugin_specs import AGGREGATION_GATE, DEPTHWISE_LITECONV, DEPTHWISE_LITECONV_SUMS, PLUGINS
+
+
+def test_every_spec_has_a_kernel_for_both_dtypes():
+    for spec in PLUGINS.values():
+        for dtype in ("float32", "float16"):
+            entry = (launch.gate_entry_point(dtype) if spec is AGGREGATION_GATE
+                     else launch.depthwise_entry_point(dtype, with_sums=spec is DEPTHWISE_LITECONV_SUMS))
+            assert entry in launch.ENTRY_POINTS
+
+
+def test_generated_signatures_follow_tensorrt_plugin_schemas():
+    names = [t.name for t in AGGREGATION_GATE.inputs]
+    signature = tensorrt_plugins._signature(names, object, [("outputs", tuple), ("stream", int), ("tactic", int)], None)
+    wrapped = tensorrt_plugins._with_signature(lambda **kw: sorted(kw), signature)
+    assert list(inspect.signature(wrapped).parameters) == [*names, "outputs", "stream", "tactic"]
+    assert wrapped(*range(len(names)), (), 0, 1) == sorted([*names, "outputs", "stream", "tactic"])
+
+
+def test_output_shapes_and_types_follow_the_spec():
+    assert DEPTHWISE_LITECONV.output_shapes([[8, 64, 64, 32], [64, 9], [64]]) == [[8, 64, 64, 32]]
+    assert DEPTHWISE_LITECONV_SUMS.output_shapes([[8, 64, 64, 32]]) == [[8, 64, 64, 32], [8, 64]]
+    assert DEPTHWISE_LITECONV_SUMS.output_dtypes("float16") == ["float16", "float32"]
+
+
+class _Dim(int):
+    def constant_value(self) -> int:
+        return int(self)
+
+
+def _fake_trt():
+    trt = SimpleNamespace(float16="half", float32="float")
+    trtp = SimpleNamespace(
+        KernelLaunchParams=lambda: SimpleNamespace(),
+        SymIntExprs=lambda count: [None] * count,
+        SymInt32=lambda value: value,
+        cdiv=lambda a, b: -(-a // b),
+    )
+    return trt, trtp
+
+
+@pytest.mark.parametrize("tactic", sorted(tensorrt_plugins.TACTIC_BATCH))
+@pytest.mark.parametrize("batch", [1, 7, 256])
+def test_aot_launch_matches_the_kernel_contract_for_any_batch(monkeypatch, tactic, batch):
+    monkeypatch.setattr(tensorrt_plugins, "kernel_ptx", lambda source: f"ptx of {source}")
+    trt, trtp = _fake_trt()
+    x = SimpleNamespace(shape_expr=[batch, _Dim(64), _Dim(64), _Dim(32)], dtype="half")
+    entry, ptx, params, extra = tensorrt_plugins._aot_kernel(DEPTHWISE_LITECONV_SUMS, [x, None, None], tactic, trt, trtp)
+    plan = launch.plan_depthwise(tensorrt_plugins.TACTIC_BATCH[tactic], 64, 64, 32)
+    assert entry == "depthwise_liteconv_sums_f16" and ptx == "ptx of depthwise_liteconv.cu"
+    assert params.grid_x == -(-batch * 64 // plan.planes_per_cta) and params.block_x == plan.block
+    assert extra == [batch, 64, 64, 32, *plan.tiling_args]
+
+    weights = [None] * 8 + [SimpleNamespace(shape_expr=[_Dim(4), _Dim(64)])] + [None] * 3
+    entry, _, params, extra = tensorrt_plugins._aot_kernel(AGGREGATION_GATE, [x, *weights[1:]], tactic, trt, trtp)
+    gate = launch.plan_gate(tensorrt_plugins.TACTIC_BATCH[tactic], 64, 4, 64, 32)
+    assert entry == "aggregation_gate_f16"
+    assert params.grid_x == batch * -(-64 // gate.channels_per_cta)
+    assert extra == [batch, 64, 4, 64, 32, gate.channels_per_cta]
+
+
+def test_tensorrt_plan_config_serves_the_cpu_models_io():
+    config = parse_config(render_config(tensorrt_model_config("osnet_x1_0_fp16", GpuRepositorySettings(max_batch_size=128, instances=2))))
+    assert config.platform == "tensorrt_plan" and config.max_batch_size == 128
+    assert [i.name for i in config.input] == ["INPUT"] and [o.name for o in config.output] == ["EMBEDDING", "FEATURES"]
+    assert config.instance_group[0].kind == pb.ModelInstanceGroup.KIND_GPU and config.instance_group[0].count == 2
+    assert config.optimization.cuda.graphs and config.HasField("dynamic_batching")
+
+
+@pytest.mark.skipif(tensorrt_unavailable_reason() is None, reason="TensorRT is installed here: the engine step runs instead")
+def test_without_tensorrt_the_build_writes_graphs_and_says_why_no_engine(tmp_path, capsys):
+    assert main(["--variant", "osnet_x0_25", "--precision", "fp16", "--work-dir", str(tmp_path / "work"),
+                 "--repository", str(tmp_path / "repo")]) == 0
+    assert (tmp_path / "work" / "model_fp16_plugins.onnx").is_file()
+    assert (tmp_path / "work" / "precision_report.md").is_file()
+    assert "engines not built: TensorRT is not installed" in capsys.readouterr().err
+    assert not (tmp_path / "repo").exists()
+    assert main(["check-trt", "--variant", "osnet_x0_25"]) == 1
+    assert "check-trt needs TensorRT and a GPU" in capsys.readouterr().err
