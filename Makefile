@@ -4,7 +4,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test test-gpu benchmark-cpu clean
+.PHONY: demo test test-gpu benchmark-cpu benchmark-gpu clean
 
 $(INSTALLED): pyproject.toml constraints.txt
 	$(PYTHON_BOOTSTRAP) -m venv $(VENV)
@@ -16,7 +16,15 @@ demo: $(INSTALLED)
 	$(PYTHON) -m client.demo
 
 test: $(INSTALLED)
+	@if command -v nvcc >/dev/null; then $(PYTHON) -m kernels.compile_check; else echo "nvcc not found: kernel compile check skipped"; fi
 	$(PYTHON) -m pytest -q -rs
+
+# On the GPU machine (system python3 with CUDA, PyTorch, CuPy; no venv there).
+test-gpu:
+	PYTHONPATH=. PYTHONUNBUFFERED=1 python3 -m pytest -m gpu -rs tests/test_kernels_gpu.py
+
+benchmark-gpu:
+	PYTHONPATH=. PYTHONUNBUFFERED=1 python3 benchmarks/gpu_kernels.py --out $${OUT:-bench_out}
 
 benchmark-cpu: $(INSTALLED)
 	$(PYTHON) -m benchmarks.cpu_serving

@@ -3,6 +3,9 @@
   osnet-client health                      server and model readiness, versions
   osnet-client embed IMAGES... -o out.npy  embed files or folders (batched, concurrent)
   osnet-client compare A.jpg B.jpg         cosine similarity of two crops
+  osnet-client evaluate --data DIR         CMC rank-1/5/10 and mAP on a Market-1501-layout query/gallery
+  osnet-client gallery build DIR --index G embed a folder of crops into a gallery index saved in G
+  osnet-client search IMAGES... --index G  the gallery crops most similar to each image
 """
 from __future__ import annotations
 
@@ -41,7 +44,45 @@ def build_parser() -> argparse.ArgumentParser:
     add_endpoint_arguments(compare)
     compare.add_argument("first", type=Path)
     compare.add_argument("second", type=Path)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="rank-1/5/10 and mAP with the Market-1501 protocol",
+        description="Embed DIR/query and DIR/bounding_box_test through the server and score the ranking: gallery "
+        "images of the query's identity seen by the query's camera are excluded, junk (pid -1) is ignored, "
+        "distractors (pid 0) count as wrong matches. Prints a table with chance level; writes JSON.",
+    )
+    add_endpoint_arguments(evaluate)
+    add_embedding_arguments(evaluate)
+    evaluate.add_argument("--data", type=Path, required=True, help="Market-1501-layout root holding query/ and bounding_box_test/")
+    evaluate.add_argument("-o", "--output", type=Path, default=Path("evaluation.json"), help="JSON report (default: %(default)s)")
+
+    gallery = commands.add_parser("gallery", help="gallery index commands")
+    gallery_commands = gallery.add_subparsers(dest="gallery_command", required=True)
+    gallery_build = gallery_commands.add_parser(
+        "build", help="embed image files or folders into a gallery index on disk",
+        description="Market-1501 file names (PPPP_cCsS_FFFFFF_NN.jpg) give each entry its identity and camera.",
+    )
+    add_endpoint_arguments(gallery_build)
+    add_embedding_arguments(gallery_build)
+    gallery_build.add_argument("images", nargs="+", type=Path, help="image files or folders")
+    gallery_build.add_argument("--index", type=Path, default=Path("gallery_index"), help="folder to save the index in (default: %(default)s)")
+    gallery_build.add_argument("--faiss-threshold", type=int, default=None, help="entries from which search uses a FAISS HNSW graph instead of exact NumPy (default: 50000)")
+
+    search = commands.add_parser("search", help="the gallery crops most similar to each image")
+    add_endpoint_arguments(search)
+    add_embedding_arguments(search)
+    search.add_argument("images", nargs="+", type=Path, help="query image files or folders")
+    search.add_argument("--index", type=Path, default=Path("gallery_index"), help="gallery index folder (default: %(default)s)")
+    search.add_argument("-k", "--top-k", type=int, default=5, help="matches per query (default: %(default)s)")
+    search.add_argument("--exact", action="store_true", help="exact NumPy search even where the gallery has a FAISS graph")
+    search.add_argument("--json", action="store_true", help="print the matches as JSON instead of tables")
     return parser
+
+
+def add_embedding_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=16, help="images per request (default: %(default)s)")
+    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight (default: %(default)s)")
 
 
 def run_health(client) -> int:
@@ -72,6 +113,103 @@ def run_compare(client, args: argparse.Namespace) -> int:
     return 0
 
 
+def run_evaluate(client, args: argparse.Namespace) -> int:
+    from client.embedding_client import cosine_similarity
+    from client.evaluation import chance_level, evaluate_retrieval, format_metrics_table
+    from client.market1501 import DISTRACTOR_PID, GALLERY_DIR, JUNK_PID, QUERY_DIR, read_market_split
+    from client.progress import ProgressLine, embed_with_progress
+
+    query, gallery = read_market_split(args.data, QUERY_DIR), read_market_split(args.data, GALLERY_DIR)
+    embeddings = {}
+    for name, split in (("query", query), ("gallery", gallery)):
+        embeddings[name] = embed_with_progress(
+            client, list(split.paths), batch_size=args.batch_size, concurrency=args.concurrency,
+            on_progress=ProgressLine(f"embedding {name}"),
+        )
+    similarity = cosine_similarity(embeddings["query"], embeddings["gallery"])
+    metrics = evaluate_retrieval(similarity, query.pids, query.camids, gallery.pids, gallery.camids)
+    chance = chance_level(query.pids, query.camids, gallery.pids, gallery.camids)
+    junk, distractors = gallery.pids.count(JUNK_PID), gallery.pids.count(DISTRACTOR_PID)
+    print(f"{args.data}: {len(query)} queries of {len(set(query.pids))} identities; {len(gallery)} gallery images "
+          f"({junk} junk, ignored; {distractors} distractors, kept as negatives); model {client.model} at {client.url}")
+    print(format_metrics_table({client.model: metrics, "chance": chance}))
+    if metrics.skipped_queries:
+        print(f"{metrics.skipped_queries} queries have no match in another camera and were skipped")
+    report = {
+        "data": str(args.data),
+        "model": client.model,
+        "url": client.url,
+        "protocol": "Market-1501: same identity and camera as the query excluded, junk (-1) ignored, distractors (0) kept as negatives",
+        "queries": len(query),
+        "gallery": len(gallery),
+        "gallery_junk": junk,
+        "gallery_distractors": distractors,
+        "metrics": metrics.as_dict(),
+        "chance": chance.as_dict(),
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"report -> {args.output}")
+    return 0
+
+
+def run_gallery_build(client, args: argparse.Namespace) -> int:
+    from client.embedding_client import list_images
+    from client.gallery import DEFAULT_FAISS_THRESHOLD, build_gallery
+    from client.progress import ProgressLine
+
+    paths = list_images(args.images)
+    threshold = DEFAULT_FAISS_THRESHOLD if args.faiss_threshold is None else args.faiss_threshold
+    index = build_gallery(
+        client, paths, batch_size=args.batch_size, concurrency=args.concurrency, faiss_threshold=threshold,
+        on_progress=ProgressLine("embedding gallery"),
+    )
+    index.save(args.index)
+    search = "FAISS HNSW graph (approximate)" if index.uses_faiss else "exact NumPy search"
+    print(f"indexed {len(index)} images -> {args.index} ({search})")
+    return 0
+
+
+def run_search(client, args: argparse.Namespace) -> int:
+    from client.embedding_client import list_images
+    from client.gallery import GalleryEntry, GalleryIndex
+    from client.progress import ProgressLine, embed_with_progress
+
+    index = GalleryIndex.load(args.index)
+    if index.model != client.model:
+        print(f"osnet-client: warning: {args.index} was embedded by model {index.model!r}, the queries by {client.model!r}", file=sys.stderr)
+    paths = list_images(args.images)
+    embeddings = embed_with_progress(client, paths, batch_size=args.batch_size, concurrency=args.concurrency,
+                                     on_progress=ProgressLine("embedding queries") if len(paths) > args.batch_size else None)
+    results = index.search(embeddings, top_k=args.top_k, exact=args.exact)
+    queries = [GalleryEntry.from_path(path) for path in paths]
+    # Queries named like Market-1501 files carry their identity: count how often the best match shares it.
+    known = [(query, matches) for query, matches in zip(queries, results) if query.pid is not None and query.pid > 0]
+    correct = sum(bool(matches) and matches[0].entry.pid == query.pid for query, matches in known)
+    if args.json:
+        print(json.dumps({
+            "index": str(args.index),
+            "queries": [{"path": q.path, "pid": q.pid, "camid": q.camid,
+                         "matches": [{"rank": m.rank, "score": m.score, "pid": m.entry.pid, "camid": m.entry.camid, "path": m.entry.path} for m in matches]}
+                        for q, matches in zip(queries, results)],
+            "top1_identity_correct": correct,
+            "queries_with_identity": len(known),
+        }, indent=2))
+        return 0
+    for query, matches in zip(queries, results):
+        print(f"{query.path} (identity {_show(query.pid)}, camera {_show(query.camid)})")
+        print(f"  {'rank':>4} {'score':>7} {'identity':>8} {'camera':>6}  file")
+        for match in matches:
+            print(f"  {match.rank:>4} {match.score:7.3f} {_show(match.entry.pid):>8} {_show(match.entry.camid):>6}  {match.entry.path}")
+    if known:
+        print(f"top-1 identity correct for {correct} of {len(known)} queries ({100 * correct / len(known):.1f}%)")
+    return 0
+
+
+def _show(value: int | None) -> str:
+    return "?" if value is None else str(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -83,7 +221,13 @@ def main(argv: list[str] | None = None) -> int:
                 return run_health(client)
             if args.command == "embed":
                 return run_embed(client, args)
-            return run_compare(client, args)
+            if args.command == "compare":
+                return run_compare(client, args)
+            if args.command == "evaluate":
+                return run_evaluate(client, args)
+            if args.command == "gallery":
+                return run_gallery_build(client, args)
+            return run_search(client, args)
     except (OsnetTritonError, ValueError) as exc:
         print(f"osnet-client: error: {exc}", file=sys.stderr)
         return 1

@@ -1,7 +1,9 @@
 """`make demo`: build the repository, serve it with a real tritonserver, embed crops over gRPC.
 
-Prints what came back (shapes, norms, a cosine-similarity matrix of generated people seen by two
-cameras), the throughput of a short concurrent burst, then stops the server.
+By default it serves osnet_x0_25 with the reference checkpoint (`weights/`, trained on generated
+multi-camera people) and shows people it never saw in training, each through two cameras: the
+cosine-similarity matrix, and whether each crop's most similar crop from the other camera is the
+same person. Then the throughput of a short concurrent burst, and the server stops.
 """
 from __future__ import annotations
 
@@ -14,6 +16,9 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
+LOAD_TEST_USERS = 4
+LOAD_TEST_DURATION_S = 10
+
 
 def print_similarity_matrix(labels: list[str], similarity: np.ndarray) -> None:
     print(" " * 10 + "".join(f"{label:>9}" for label in labels))
@@ -21,24 +26,41 @@ def print_similarity_matrix(labels: list[str], similarity: np.ndarray) -> None:
         print(f"{label:>10}" + "".join(f"{value:9.3f}" for value in row))
 
 
+def print_cross_camera_matches(labels: list[str], identities: list[int], cameras: list[int], similarity: np.ndarray) -> int:
+    """For each crop, its most similar crop seen by another camera; returns how many are the same person."""
+    correct = 0
+    for row, (label, identity, camera) in enumerate(zip(labels, identities, cameras)):
+        others = [column for column, other_camera in enumerate(cameras) if other_camera != camera]
+        best = max(others, key=lambda column: similarity[row, column])
+        same = identities[best] == identity
+        correct += same
+        print(f"      {label:>10} -> {labels[best]:<10} {similarity[row, best]:.3f}  {'same person' if same else 'WRONG person'}")
+    return correct
+
+
 def run_demo(variant: str, repository: Path, output: Path, burst_images: int, weights: Path | None) -> None:
     from client.embedding_client import EmbeddingClient, cosine_similarity, embed_files
     from client.triton_server import TritonServerConfig, TritonServerProcess
     from engine_builder.build import build_cpu_repository
+    from engine_builder.reference_weights import REFERENCE_DATASET
     from engine_builder.synthetic_people import encode_jpeg, render_person
+    from loadtest.runner import LoadTestSettings, format_summary, run_load_test
 
     started = time.perf_counter()
     build_cpu_repository(variant, repository, weights)
-    print(f"\n[1/4] built {repository}/ ({variant}, ONNX Runtime checked against PyTorch) in {time.perf_counter() - started:.1f} s")
+    print(f"\n[1/5] built {repository}/ ({variant}, ONNX Runtime checked against PyTorch) in {time.perf_counter() - started:.1f} s")
 
     output.mkdir(parents=True, exist_ok=True)
-    identities, cameras = 4, 2
-    labels, paths = [], []
-    for identity in range(identities):
-        for camera in range(cameras):
+    # People numbered after the reference checkpoint's training identities: it never saw them.
+    first_unseen = REFERENCE_DATASET.train_identities + 1
+    labels, paths, identities, cameras = [], [], [], []
+    for identity in range(first_unseen, first_unseen + 4):
+        for camera in (1, 4):
             labels.append(f"id{identity}/c{camera}")
+            identities.append(identity)
+            cameras.append(camera)
             path = output / f"{identity:04d}_c{camera}.jpg"
-            path.write_bytes(encode_jpeg(render_person(identity, camera)))
+            path.write_bytes(encode_jpeg(render_person(identity, camera, seed=REFERENCE_DATASET.seed)))
             paths.append(path)
     burst = [output / "burst" / f"{index:04d}.jpg" for index in range(burst_images)]
     burst[0].parent.mkdir(exist_ok=True)
@@ -46,39 +68,51 @@ def run_demo(variant: str, repository: Path, output: Path, burst_images: int, we
         path.write_bytes(encode_jpeg(render_person(100 + index // 3, camera=index % 3)))
 
     with TritonServerProcess(TritonServerConfig(model_repository=repository)) as server:
-        print(f"[2/4] tritonserver ready on {server.grpc_url} (pid {server.pid})")
+        print(f"[2/5] tritonserver ready on {server.grpc_url} (pid {server.pid})")
         with EmbeddingClient(server.grpc_url) as client:
             health = client.health()
             print(f"      server {health.server_version}, models: {', '.join(f'{k}={v}' for k, v in sorted(health.models.items()))}")
             embeddings = embed_files(client, paths, batch_size=len(paths))
             np.save(output / "embeddings.npy", embeddings)
             norms = np.linalg.norm(embeddings, axis=1)
-            print(f"[3/4] embedded {len(paths)} generated crops over gRPC: {embeddings.shape} {embeddings.dtype}, "
+            print(f"[3/5] embedded {len(paths)} generated crops over gRPC: {embeddings.shape} {embeddings.dtype}, "
                   f"norms {norms.min():.4f}..{norms.max():.4f}")
             caveat = "" if weights else " (random weights: the values mean nothing until --weights is given)"
-            print(f"      cosine similarity, each identity seen by two cameras{caveat}:")
-            print_similarity_matrix(labels, cosine_similarity(embeddings, embeddings))
+            print(f"      cosine similarity of {len(set(identities))} people unseen in training, each seen by two cameras{caveat}:")
+            similarity = cosine_similarity(embeddings, embeddings)
+            print_similarity_matrix(labels, similarity)
+            print("      each crop's most similar crop from the other camera:")
+            correct = print_cross_camera_matches(labels, identities, cameras, similarity)
+            print(f"      {correct}/{len(labels)} crops re-identified across cameras (chance: 1 in {len(set(identities))})")
 
             embed_files(client, burst[:8], batch_size=8)  # warm-up
             started = time.perf_counter()
             embed_files(client, burst, batch_size=8, concurrency=4)
             elapsed = time.perf_counter() - started
-            print(f"[4/4] burst: {len(burst)} JPEGs, batch 8, 4 requests in flight: {len(burst) / elapsed:.1f} img/s "
+            print(f"[4/5] burst: {len(burst)} JPEGs, batch 8, 4 requests in flight: {len(burst) / elapsed:.1f} img/s "
                   f"({elapsed:.2f} s; server and client share this machine's cores)")
-    print(f"\nserver stopped. Embeddings in {output}/embeddings.npy; serve it yourself with:\n"
+        print(f"[5/5] locust over gRPC: {LOAD_TEST_USERS} users for {LOAD_TEST_DURATION_S} s on the `osnet` ensemble ...")
+        load = run_load_test(
+            LoadTestSettings(output_dir=output / "loadtest", url=server.grpc_url, users=LOAD_TEST_USERS, duration_s=LOAD_TEST_DURATION_S)
+        )
+        print("\n".join(f"      {line}" for line in format_summary(load).splitlines()))
+    print(f"\nserver stopped. Embeddings in {output}/embeddings.npy, load-test report in {output}/loadtest/; serve it yourself with:\n"
           f"  .venv/bin/tritonserver --model-repository {repository}")
 
 
 def main() -> None:
+    from engine_builder.reference_weights import REFERENCE_VARIANT, reference_weights
+
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--variant", default="osnet_x1_0")
-    parser.add_argument("--weights", type=Path)
+    parser.add_argument("--variant", default=REFERENCE_VARIANT, help="OSNet variant (default: %(default)s)")
+    parser.add_argument("--weights", type=Path, help=f"torchreid checkpoint (default for {REFERENCE_VARIANT}: the reference checkpoint; other variants: random weights)")
     parser.add_argument("--repository", type=Path, default=Path("triton_repo"))
     parser.add_argument("--output", type=Path, default=Path("demo_output"))
     parser.add_argument("--burst-images", type=int, default=256)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    run_demo(args.variant, args.repository, args.output, args.burst_images, args.weights)
+    weights = args.weights or (reference_weights() if args.variant == REFERENCE_VARIANT else None)
+    run_demo(args.variant, args.repository, args.output, args.burst_images, weights)
 
 
 if __name__ == "__main__":

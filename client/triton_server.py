@@ -230,7 +230,9 @@ class TritonServerProcess:
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGINT)
             try:
-                process.wait(timeout=self.config.exit_timeout_s + 10)
+                # Triton gives models exit_timeout_s to unload; a server still up a little after
+                # that is stuck (seen with clients still connected), and is killed below.
+                process.wait(timeout=self.config.exit_timeout_s + 3)
             except subprocess.TimeoutExpired:
                 logger.warning("tritonserver did not exit on SIGINT; killing it")
         if process is not None:

@@ -19,13 +19,22 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def preprocess_image(image: Image.Image) -> torch.Tensor:
-    """A PIL image -> normalised [3, 256, 128] FP32 tensor."""
+def resize_image(image: Image.Image) -> torch.Tensor:
+    """A PIL image -> RGB resized to the model's input, [3, 256, 128] uint8 (what a training cache holds)."""
     resized = image.convert("RGB").resize((INPUT_WIDTH, INPUT_HEIGHT), Image.BILINEAR)
-    tensor = torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
+    return torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB [..., 3, H, W] -> /255, ImageNet mean and std, FP32."""
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (tensor - mean) / std
+    return (images.float().div(255) - mean) / std
+
+
+def preprocess_image(image: Image.Image) -> torch.Tensor:
+    """A PIL image -> normalised [3, 256, 128] FP32 tensor."""
+    return normalize_images(resize_image(image))
 
 
 def preprocess_encoded(encoded: bytes) -> torch.Tensor:

@@ -1,18 +1,28 @@
-"""Shared fixtures: one built CPU repository and one real tritonserver per test session."""
+"""Shared fixtures: one built CPU repository and one real tritonserver per test session.
+
+The served model is the reference checkpoint (osnet_x0_25 trained on generated people), so
+retrieval tests have embeddings that mean something; `served_model` is the same weights in PyTorch.
+"""
 from __future__ import annotations
 
 import pytest
 
 from client.triton_server import TritonServerConfig, TritonServerProcess
+from engine_builder.reference_weights import REFERENCE_VARIANT, reference_weights
 
-SERVED_VARIANT = "osnet_x1_0"
+SERVED_VARIANT = REFERENCE_VARIANT
 
 
 @pytest.fixture(scope="session")
-def served_repository(tmp_path_factory):
+def served_weights():
+    return reference_weights()
+
+
+@pytest.fixture(scope="session")
+def served_repository(tmp_path_factory, served_weights):
     from engine_builder.build import build_cpu_repository
 
-    return build_cpu_repository(SERVED_VARIANT, tmp_path_factory.mktemp("triton_repo"))
+    return build_cpu_repository(SERVED_VARIANT, tmp_path_factory.mktemp("triton_repo"), served_weights)
 
 
 @pytest.fixture(scope="session")
@@ -22,10 +32,10 @@ def triton_server(served_repository):
 
 
 @pytest.fixture(scope="session")
-def served_model():
+def served_model(served_weights):
     from engine_builder.models import create_osnet
 
-    return create_osnet(SERVED_VARIANT)
+    return create_osnet(SERVED_VARIANT, weights=served_weights)
 
 
 @pytest.fixture(scope="session")

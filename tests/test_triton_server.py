@@ -67,12 +67,12 @@ def test_binds_to_loopback_only(triton_server):
         assert listening_addresses(port) == {"127.0.0.1"}
 
 
-def test_a_model_that_cannot_load_fails_the_start_fast_with_its_reason(served_repository, tmp_path):
+def test_a_model_that_cannot_load_fails_the_start_fast_with_its_reason(served_repository, tensor_model, tmp_path):
     repository = tmp_path / "repo"
     shutil.copytree(served_repository, repository)
-    (repository / "osnet_x1_0_fp32" / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    (repository / tensor_model / "1" / "model.onnx").write_bytes(b"not an onnx file")
     started = time.monotonic()
-    with pytest.raises(TritonServerError, match="osnet_x1_0_fp32"):
+    with pytest.raises(TritonServerError, match=tensor_model):
         TritonServerProcess(TritonServerConfig(model_repository=repository)).start(timeout_s=60)
     assert time.monotonic() - started < 45
 
