@@ -32,9 +32,11 @@ def parse_floor(text: str):
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     from engine_builder.models import VARIANTS
+    from engine_builder.reference_weights import REFERENCE_VARIANT
 
-    parser.add_argument("--variant", default="osnet_x1_0", choices=sorted(VARIANTS), help="OSNet variant (default: %(default)s)")
-    parser.add_argument("--weights", type=Path, help="torchreid checkpoint (.pth state_dict or .pth.tar); default: seeded random weights")
+    parser.add_argument("--variant", default=REFERENCE_VARIANT, choices=sorted(VARIANTS), help="OSNet variant (default: %(default)s)")
+    parser.add_argument("--weights", type=Path, help=f"torchreid checkpoint (.pth state_dict or .pth.tar); default: the reference "
+                        f"checkpoint for {REFERENCE_VARIANT} (weights/), seeded random weights for other variants")
     parser.add_argument("--max-batch-size", type=int, default=64, help="Triton max_batch_size and engine profile max (default: %(default)s)")
     parser.add_argument("--work-dir", type=Path, help="where precision graphs, reports and plans go (default: build/<variant>)")
     parser.add_argument("--calib-dir", type=Path, help="INT8 calibration images (default: generated people)")
@@ -61,6 +63,13 @@ def build_check_parser() -> argparse.ArgumentParser:
     add_model_arguments(parser)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64], help="throughput batch sizes (default: %(default)s)")
     return parser
+
+
+def resolve_weights(args: argparse.Namespace) -> None:
+    from engine_builder.reference_weights import default_weights
+
+    if args.weights is None:
+        args.weights = default_weights(args.variant)
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -118,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     args = (build_check_parser() if checking else build_parser()).parse_args(argv[1:] if checking else argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        resolve_weights(args)
         return run_check(args) if checking else run_build(args)
     except (OsnetTritonError, ValueError) as exc:
         print(f"osnet-build: error: {exc}", file=sys.stderr)

@@ -40,3 +40,9 @@ def held_out_dataset(test_identities: int, distractors: int = 0, junk: int = 0) 
     training ones, and each person's images depend only on the seed and their number.
     """
     return dataclasses.replace(REFERENCE_DATASET, test_identities=test_identities, distractors=distractors, junk=junk)
+
+
+def default_weights(variant: str) -> Path | None:
+    """What a build uses without --weights: the reference checkpoint for its variant, else nothing
+    (a seeded initialisation, which `create_osnet` warns about)."""
+    return reference_weights() if variant == REFERENCE_VARIANT else None
