@@ -3,17 +3,36 @@ FP16 / INT8 graphs -> precision report -> plugin rewrite (checked on CPU) -> Ten
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
+import torch
 
+from engine_builder.cpu_runtimes import (
+    RUNTIMES,
+    RuntimeChoice,
+    RuntimeMeasurement,
+    RuntimeSelection,
+    RuntimeSelectionError,
+    choose_runtime,
+    cpu_capabilities,
+    load_average_1min,
+    make_cpu_int8_onnx,
+    measure_candidates,
+    openvino_installed,
+    resolve_candidates,
+    write_runtime_choice,
+)
 from engine_builder.errors import ExportMismatchError
 from engine_builder.export import EMBEDDING_NAME, export_onnx
 from engine_builder.image_sets import CALIBRATION_SEED, EVALUATION_SEED, image_set
 from engine_builder.models import create_osnet
-from engine_builder.triton_repository import CpuRepositorySettings, tensor_model_name, write_cpu_models
+from engine_builder.precision import PrecisionFloor
+from engine_builder.triton_repository import CpuRepositorySettings, write_cpu_models
 
 logger = logging.getLogger(__name__)
 
@@ -29,15 +48,80 @@ def build_cpu_repository(
     repository: str | Path,
     weights: str | Path | None = None,
     settings: CpuRepositorySettings | None = None,
+    selection: RuntimeSelection | None = None,
 ) -> Path:
-    """Export `variant` (checked against PyTorch) and write preprocess, `<variant>_fp32` and the `osnet` ensemble."""
+    """Export `variant` (checked against PyTorch), choose its CPU runtime, and write `preprocess`,
+    `<variant>_<precision>` and the `osnet` ensemble.
+
+    `selection.runtime` names the runtime (ONNX Runtime FP32 unless told otherwise) or is "auto":
+    every candidate is measured in-process and the fastest within the precision floor is served.
+    Either way the served model's embeddings are checked against PyTorch FP32 on held-out images,
+    the build fails below the floor, and `<model>/runtime_choice.json` (and .md) says what was
+    chosen and why.
+    """
     repository = Path(repository)
     settings = settings or CpuRepositorySettings()
+    selection = selection or RuntimeSelection()
+    capabilities = cpu_capabilities()
+    candidates = resolve_candidates(selection, capabilities, openvino_installed())
     model = create_osnet(variant, weights)
-    export_onnx(model, repository / tensor_model_name(variant) / "1" / "model.onnx")
-    write_cpu_models(repository, variant, settings)
+    evaluation = image_set(selection.eval_dir, selection.evaluation_images, EVALUATION_SEED)
+    reference = pytorch_embeddings(model, evaluation)
+    auto = selection.runtime == "auto"
+    with tempfile.TemporaryDirectory(prefix="osnet_cpu_build_") as scratch:
+        graphs = make_cpu_graphs(model, {runtime.graph for runtime in candidates}, Path(scratch), selection)
+        load = load_average_1min()
+        measurements = measure_candidates(
+            candidates, graphs, evaluation, reference, floor=selection.floor, threads=settings.intra_op_threads,
+            streams=settings.streams, batch_size=selection.batch_size,
+            # An explicit runtime is only checked for precision: timing it would choose nothing.
+            seconds_per_candidate=selection.seconds_per_candidate if auto else 0.0,
+        )
+        if auto:
+            chosen, reason = choose_runtime(measurements, selection.floor)
+        else:
+            chosen, reason = selection.runtime, f"{selection.runtime}: requested explicitly"
+            _enforce_floor(measurements[0], selection.floor, len(evaluation))
+        runtime = RUNTIMES[chosen]
+        served = write_cpu_models(repository, variant, settings, runtime)
+        shutil.copyfile(graphs[runtime.graph], repository / served / "1" / "model.onnx")
+    choice = RuntimeChoice(
+        runtime=chosen, precision=runtime.precision, reason=reason, floor=selection.floor, measurements=tuple(measurements),
+        cpu_capabilities=tuple(sorted(capabilities)), threads=settings.intra_op_threads, streams=settings.streams,
+        load_average_1min=load,
+    )
+    write_runtime_choice(repository / served, choice)
+    logger.info("serving %s: %s", served, reason)
     logger.info("repository %s ready: tritonserver --model-repository %s", repository, repository)
     return repository
+
+
+def pytorch_embeddings(model: torch.nn.Module, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """The reference every CPU runtime is held to: eval-mode PyTorch FP32, L2-normalised."""
+    with torch.inference_mode():
+        return np.concatenate([torch.nn.functional.normalize(model(torch.from_numpy(images[i : i + batch_size])), dim=1).numpy()
+                               for i in range(0, len(images), batch_size)])
+
+
+def make_cpu_graphs(model: torch.nn.Module, graphs: set[str], work_dir: Path, selection: RuntimeSelection) -> dict[str, Path]:
+    """The FP32 export (checked against PyTorch) and, when asked for, the CPU INT8 Q/DQ graph made from it."""
+    paths = {"fp32": export_onnx(model, work_dir / "model_fp32.onnx")}
+    if "int8" in graphs:
+        calibration = image_set(selection.calib_dir, selection.calibration_images, CALIBRATION_SEED)
+        paths["int8"] = work_dir / "model_int8.onnx"
+        onnx.save(make_cpu_int8_onnx(onnx.load(paths["fp32"]), calibration, selection.calibration_method), paths["int8"])
+    return paths
+
+
+def _enforce_floor(measured: RuntimeMeasurement, floor: PrecisionFloor, images: int) -> None:
+    if measured.within_floor:
+        return
+    agreement = measured.error or (f"mean cosine {measured.mean_cosine:.6f}, min {measured.min_cosine:.6f}, "
+                                   f"top-1 agreement {measured.top1_agreement:.3f}")
+    raise RuntimeSelectionError(
+        f"{measured.runtime} drifts too far from PyTorch FP32 on {images} held-out images: {agreement} (floor: mean "
+        f"{floor.min_mean_cosine}, min {floor.min_cosine}, top-1 {floor.min_top1_agreement}). Choose another --runtime, "
+        "or calibrate INT8 on images like the ones you serve.")
 
 
 @dataclass(kw_only=True)

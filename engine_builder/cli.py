@@ -1,8 +1,10 @@
 """osnet-build: turn OSNet (torchreid weights) into a Triton model repository.
 
   osnet-build [--variant V] [--weights W] [--precision fp32 fp16 int8] ...
-      fp32: exports ONNX (checked against PyTorch) and writes `preprocess`, `<variant>_fp32` and the
-      `osnet` ensemble, served on CPU by ONNX Runtime. fp16 / int8: makes the precision graphs,
+      fp32: exports ONNX (checked against PyTorch) and writes `preprocess`, the CPU tensor model and
+      the `osnet` ensemble. The CPU tensor model is `<variant>_fp32|bf16|int8`, served by the runtime
+      --runtime names; `auto` measures the candidates here and serves the fastest within the precision
+      floor, and `<model>/runtime_choice.md` says why. fp16 / int8: makes the precision graphs,
       writes their precision report (failing below the floor), rewrites them to the fused plugins
       (checked on CPU), and with TensorRT >= 10.9 and a GPU builds `<variant>_fp16|int8` engines.
   osnet-build check-trt [--variant V] ...
@@ -46,12 +48,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from engine_builder.cpu_runtimes import RUNTIME_CHOICES
+
     parser = argparse.ArgumentParser(prog="osnet-build", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("--repository", type=Path, default=Path("triton_repo"), help="output model repository (default: %(default)s)")
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "fp16", "int8"], help="models to build (default: fp32)")
     parser.add_argument("--instances", type=int, default=1, help="model instances per model (default: %(default)s)")
-    parser.add_argument("--intra-op-threads", type=int, help="ONNX Runtime threads per CPU instance (default: ONNX Runtime's choice)")
+    parser.add_argument("--intra-op-threads", type=int, help="runtime threads per CPU instance (default: the runtime's choice)")
+    parser.add_argument("--runtime", default="auto", choices=RUNTIME_CHOICES,
+                        help="CPU runtime of the tensor model; auto: the fastest measured here within the floor (default: %(default)s)")
     parser.add_argument("--jit-plugins", action="store_true", help="JIT (Python/CuPy) plugins instead of AOT PTX; served by the python backend")
     parser.add_argument("--floor", type=parse_floor, action="append", default=[], metavar="P=MEAN,MIN,TOP1",
                         help="precision floor, e.g. int8=0.98,0.9,0.8 (defaults in engine_builder/precision.py)")
@@ -74,12 +80,14 @@ def resolve_weights(args: argparse.Namespace) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     from engine_builder.build import PrecisionBuildSettings, build_cpu_repository, build_precision_graphs
+    from engine_builder.cpu_runtimes import RuntimeSelection
     from engine_builder.tensorrt_build import EngineBuildSettings, build_engine, tensorrt_unavailable_reason
     from engine_builder.triton_repository import CpuRepositorySettings, GpuRepositorySettings, tensor_model_name, write_tensorrt_model
 
     if "fp32" in args.precision:
         settings = CpuRepositorySettings(max_batch_size=args.max_batch_size, instances=args.instances, intra_op_threads=args.intra_op_threads)
-        build_cpu_repository(args.variant, args.repository, args.weights, settings)
+        selection = RuntimeSelection(runtime=args.runtime, eval_dir=args.eval_dir, calib_dir=args.calib_dir)
+        build_cpu_repository(args.variant, args.repository, args.weights, settings, selection)
     reduced = tuple(p for p in args.precision if p != "fp32")
     if not reduced:
         return 0

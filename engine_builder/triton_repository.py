@@ -5,8 +5,9 @@ and rendered with protobuf's text format, so a config we write always parses in 
 
 The CPU repository holds three models:
 - `preprocess`: python backend, encoded image bytes -> INPUT tensor (torchreid's FeatureExtractor);
-- `<variant>_fp32`: python backend running ONNX Runtime on model.onnx;
-- `osnet`: ensemble IMAGE -> preprocess -> <variant>_fp32 -> EMBEDDING, FEATURES.
+- `<variant>_<precision>` (fp32, bf16 or int8): python backend running model.onnx with the CPU
+  runtime the build chose (ONNX Runtime or OpenVINO, see `cpu_runtimes`);
+- `osnet`: ensemble IMAGE -> preprocess -> <variant>_<precision> -> EMBEDDING, FEATURES.
 The python-backend sources are committed at the top of `triton_repo/` and copied into each model.
 """
 from __future__ import annotations
@@ -14,12 +15,14 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
+from engine_builder.cpu_runtimes import PRECISION_ORDER, CpuRuntime
 from engine_builder.export import EMBEDDING_NAME, FEATURES_NAME, INPUT_NAME
 from engine_builder.models import FEATURE_DIM, INPUT_HEIGHT, INPUT_WIDTH
 
@@ -39,8 +42,14 @@ class CpuRepositorySettings:
 
     max_batch_size: int = 64
     instances: int = 1
+    # Threads of each tensor-model instance: ONNX Runtime's intra-op threads, OpenVINO's INFERENCE_NUM_THREADS.
     intra_op_threads: int | None = None
+    # OpenVINO streams per instance: a batch is split over them and its parts run in parallel.
+    # None: as many as OpenVINO's THROUGHPUT hint picks for this CPU (see CpuRuntime.config_parameters).
+    streams: int | None = None
     max_queue_delay_us: int = 100
+    # Batch sizes the tensor model's dynamic batcher aims for; empty: as large as the queue allows.
+    preferred_batch_sizes: tuple[int, ...] = ()
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     # The environment the python-backend stub runs in: by default the venv doing the build.
     execution_env: Path | None = None
@@ -52,6 +61,10 @@ class CpuRepositorySettings:
             raise ValueError(f"instances must be >= 1, got {self.instances}")
         if self.intra_op_threads is not None and self.intra_op_threads < 1:
             raise ValueError(f"intra_op_threads must be >= 1, got {self.intra_op_threads}")
+        if self.streams is not None and self.streams < 1:
+            raise ValueError(f"streams must be >= 1, got {self.streams}")
+        if any(size < 1 or size > self.max_batch_size for size in self.preferred_batch_sizes):
+            raise ValueError(f"preferred_batch_sizes must lie in 1..{self.max_batch_size}, got {self.preferred_batch_sizes}")
         if self.execution_env is None and sys.prefix != sys.base_prefix:
             self.execution_env = Path(sys.prefix)
 
@@ -90,12 +103,14 @@ def preprocess_config(settings: CpuRepositorySettings) -> pb.ModelConfig:
     return config
 
 
-def onnxruntime_model_config(name: str, settings: CpuRepositorySettings) -> pb.ModelConfig:
+def cpu_tensor_model_config(name: str, settings: CpuRepositorySettings, parameters: Mapping[str, str]) -> pb.ModelConfig:
+    """INPUT -> EMBEDDING, FEATURES on the CPU; `parameters` configure the runtime (see `CpuRuntime.config_parameters`)."""
     config = _python_model_config(name, settings)
     config.input.add(name=INPUT_NAME, data_type=pb.TYPE_FP32, dims=[3, INPUT_HEIGHT, INPUT_WIDTH])
     _add_embedding_outputs(config)
-    if settings.intra_op_threads is not None:
-        config.parameters["INTRA_OP_THREADS"].string_value = str(settings.intra_op_threads)
+    config.dynamic_batching.preferred_batch_size.extend(settings.preferred_batch_sizes)
+    for key, value in parameters.items():
+        config.parameters[key].string_value = value
     return config
 
 
@@ -127,16 +142,36 @@ def write_model(repository: Path, config: pb.ModelConfig, python_source: str | N
     return version_dir
 
 
-def write_cpu_models(repository: Path, variant: str, settings: CpuRepositorySettings) -> str:
-    """Write preprocess, the ONNX Runtime tensor model and the ensemble; model.onnx must be exported separately.
-
-    Returns the tensor model's name.
+def write_cpu_models(repository: Path, variant: str, settings: CpuRepositorySettings, runtime: CpuRuntime) -> str:
+    """Write preprocess, the tensor model `runtime` serves and the ensemble over it; the tensor model's
+    `1/model.onnx` must be written separately. A CPU tensor model of the same variant left by an
+    earlier build is removed: the server would load it too. Returns the tensor model's name.
     """
-    tensor_model = tensor_model_name(variant)
+    tensor_model = tensor_model_name(variant, runtime.precision)
+    parameters = runtime.config_parameters(settings.intra_op_threads, settings.streams)
     write_model(repository, preprocess_config(settings), "image_preprocessor.py")
-    write_model(repository, onnxruntime_model_config(tensor_model, settings), "onnxruntime_embedder.py")
+    write_model(repository, cpu_tensor_model_config(tensor_model, settings, parameters), runtime.python_source)
     write_model(repository, ensemble_config(tensor_model, settings.max_batch_size))
+    _remove_stale_cpu_models(repository, variant, keep=tensor_model)
     return tensor_model
+
+
+def _remove_stale_cpu_models(repository: Path, variant: str, keep: str) -> None:
+    for precision in PRECISION_ORDER:
+        directory = repository / tensor_model_name(variant, precision)
+        if directory.name == keep or not (directory / "config.pbtxt").is_file():
+            continue
+        config = parse_config((directory / "config.pbtxt").read_text())
+        # Only what a CPU build writes: a TensorRT model of the same name (GPU instances, or a plan) stays.
+        if config.backend == "python" and all(g.kind == pb.ModelInstanceGroup.KIND_CPU for g in config.instance_group):
+            shutil.rmtree(directory)
+            logger.info("removed %s, left by an earlier CPU build", directory)
+
+
+def served_tensor_model(repository: Path) -> str:
+    """The tensor model the `osnet` ensemble runs."""
+    config = parse_config((Path(repository) / ENSEMBLE_MODEL / "config.pbtxt").read_text())
+    return config.ensemble_scheduling.step[1].model_name
 
 
 @dataclass(kw_only=True)

@@ -1,7 +1,8 @@
-"""Triton python-backend model `<variant>_fp32`: OSNet embeddings with ONNX Runtime on the CPU.
+"""Triton python-backend model `<variant>_fp32` or `<variant>_int8`: OSNet embeddings with ONNX Runtime on the CPU.
 
-Copied to `<variant>_fp32/1/model.py` by `osnet-build`, beside `model.onnx`. Dynamic batching
-hands `execute` several requests: they are concatenated, run as one batch, and split back.
+Copied to `<name>/1/model.py` by `osnet-build`, beside `model.onnx` (the FP32 graph, or the INT8 Q/DQ
+graph). Dynamic batching hands `execute` several requests: they are concatenated, run as one batch,
+and split back.
 """
 import json
 import os
@@ -28,7 +29,8 @@ class TritonPythonModel:
     def execute(self, requests):
         inputs = [pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy() for request in requests]
         try:
-            outputs = self.session.run(self.output_names, {self.input_name: np.concatenate(inputs)})
+            batch = inputs[0] if len(inputs) == 1 else np.concatenate(inputs)
+            outputs = self.session.run(self.output_names, {self.input_name: batch})
         except Exception as exc:  # ORT raises its own exception types; every request must still get an answer
             error = pb_utils.TritonError(f"ONNX Runtime failed: {exc}")
             return [pb_utils.InferenceResponse(error=error) for _ in requests]

@@ -1,0 +1,292 @@
+"""CPU runtimes: choosing one by measurement, and serving each from a real tritonserver.
+
+The selection rules are pure functions tested on made-up measurements; the served tests build
+osnet_x0_25 (the smallest variant) so the 2-core machine spends its time on plumbing.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from client.embedding_client import EmbeddingClient
+from client.triton_server import TritonServerConfig, TritonServerProcess
+from engine_builder.cli import build_parser
+from engine_builder.cpu_runtimes import (
+    BASELINE_RUNTIME,
+    RUNTIMES,
+    SERVING_FLOOR,
+    RuntimeChoice,
+    RuntimeMeasurement,
+    RuntimeSelection,
+    RuntimeSelectionError,
+    RuntimeUnavailableError,
+    available_runtimes,
+    choose_runtime,
+    cpu_capabilities,
+    openvino_installed,
+    read_runtime_choice,
+    resolve_candidates,
+    unavailable_reason,
+    write_runtime_choice,
+)
+from engine_builder.precision import PrecisionFloor
+from engine_builder.triton_repository import (
+    CpuRepositorySettings,
+    cpu_tensor_model_config,
+    parse_config,
+    served_tensor_model,
+    tensor_model_name,
+    write_cpu_models,
+    write_model,
+)
+
+VARIANT = "osnet_x0_25"
+NO_BF16 = frozenset({"FP32", "INT8", "BIN", "WINOGRAD", "EXPORT_IMPORT"})
+needs_openvino = pytest.mark.skipif(not openvino_installed(), reason="OpenVINO is not installed")
+
+
+def measured(runtime: str, images_per_s: float | None, mean_cosine: float = 1.0, min_cosine: float = 1.0,
+             within_floor: bool = True, error: str | None = None) -> RuntimeMeasurement:
+    return RuntimeMeasurement(runtime=runtime, precision=RUNTIMES[runtime].precision, images_per_s=images_per_s,
+                              batch_size=32, mean_cosine=mean_cosine, min_cosine=min_cosine, top1_agreement=1.0,
+                              within_floor=within_floor, error=error)
+
+
+# --- choosing -------------------------------------------------------------------------------------
+
+def test_the_fastest_within_the_floor_is_chosen_and_the_reason_says_why():
+    chosen, reason = choose_runtime([
+        measured("onnxruntime-fp32", 82.0),
+        measured("openvino-fp32", 51.0),
+        measured("openvino-bf16", 217.0, mean_cosine=0.99999),
+        measured("openvino-int8", 150.0, mean_cosine=0.9995),
+    ], SERVING_FLOOR)
+    assert chosen == "openvino-bf16"
+    assert "217.0 img/s" in reason and "2.65x onnxruntime-fp32" in reason and "fastest of 4" in reason
+
+
+def test_a_candidate_under_the_floor_is_never_chosen_however_fast():
+    chosen, reason = choose_runtime([
+        measured("onnxruntime-fp32", 82.0),
+        measured("openvino-int8", 900.0, mean_cosine=0.97, min_cosine=0.8, within_floor=False),
+        measured("openvino-bf16", None, error="RuntimeError: no bf16 kernels\nstack"),
+    ], SERVING_FLOOR)
+    assert chosen == "onnxruntime-fp32"
+    assert "openvino-int8 below the floor (mean cosine 0.970000" in reason and "openvino-bf16 failed (RuntimeError" in reason
+
+
+def test_a_more_precise_candidate_within_the_margin_is_kept():
+    chosen, reason = choose_runtime([measured("openvino-bf16", 200.0), measured("openvino-int8", 205.0, mean_cosine=0.9995)],
+                                    SERVING_FLOOR, margin=0.05)
+    assert chosen == "openvino-bf16" and "openvino-int8 was 2.5% faster" in reason
+    chosen, _ = choose_runtime([measured("openvino-bf16", 200.0), measured("openvino-int8", 230.0, mean_cosine=0.9995)],
+                               SERVING_FLOOR, margin=0.05)
+    assert chosen == "openvino-int8"
+
+
+def test_without_bf16_the_choice_is_never_slower_than_onnxruntime_fp32():
+    candidates = [runtime.name for runtime in available_runtimes(NO_BF16, has_openvino=True)]
+    assert "openvino-bf16" not in candidates and BASELINE_RUNTIME in candidates
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        measurements = [measured(name, float(rng.uniform(10, 300)), within_floor=bool(rng.random() < 0.7) or name == BASELINE_RUNTIME)
+                        for name in candidates]
+        chosen, _ = choose_runtime(measurements, SERVING_FLOOR)
+        speed = {m.runtime: m.images_per_s for m in measurements}
+        assert speed[chosen] >= speed[BASELINE_RUNTIME]
+        assert next(m for m in measurements if m.runtime == chosen).within_floor
+
+
+def test_no_candidate_within_the_floor_is_an_error_naming_each():
+    with pytest.raises(RuntimeSelectionError, match="onnxruntime-int8 below the floor.*openvino-fp32 failed"):
+        choose_runtime([measured("onnxruntime-int8", 50.0, mean_cosine=0.9, within_floor=False),
+                        measured("openvino-fp32", None, error="boom")], SERVING_FLOOR)
+
+
+def test_bf16_needs_the_cpu_capability_and_openvino_needs_installing():
+    assert "no BF16" in unavailable_reason(RUNTIMES["openvino-bf16"], NO_BF16, has_openvino=True)
+    assert unavailable_reason(RUNTIMES["openvino-bf16"], NO_BF16 | {"BF16"}, has_openvino=True) is None
+    assert unavailable_reason(RUNTIMES["openvino-fp32"], NO_BF16, has_openvino=False) == "OpenVINO is not installed"
+    assert [r.name for r in available_runtimes(frozenset(), has_openvino=False)] == ["onnxruntime-fp32", "onnxruntime-int8"]
+
+
+def test_an_explicit_runtime_that_cannot_run_here_is_refused_and_auto_skips_it():
+    with pytest.raises(RuntimeUnavailableError, match="openvino-bf16 cannot run here: this CPU has no BF16"):
+        resolve_candidates(RuntimeSelection(runtime="openvino-bf16"), NO_BF16, has_openvino=True)
+    auto = resolve_candidates(RuntimeSelection(runtime="auto"), NO_BF16, has_openvino=True)
+    assert [r.name for r in auto] == ["onnxruntime-fp32", "openvino-fp32", "onnxruntime-int8", "openvino-int8"]
+
+
+@pytest.mark.parametrize("bad", [{"runtime": "tensorflow"}, {"runtime": "auto", "candidates": ()},
+                                 {"runtime": "auto", "candidates": ("openvino-fp16",)}, {"seconds_per_candidate": -1},
+                                 {"calibration_method": "guess"}])
+def test_selection_refuses_nonsense(bad):
+    with pytest.raises(ValueError):
+        RuntimeSelection(**bad)
+
+
+def test_the_choice_record_is_written_beside_the_model(tmp_path):
+    measurements = (measured("onnxruntime-fp32", 82.0), measured("openvino-bf16", 217.0, mean_cosine=0.99999))
+    chosen, reason = choose_runtime(measurements, SERVING_FLOOR)
+    choice = RuntimeChoice(runtime=chosen, precision="bf16", reason=reason, floor=SERVING_FLOOR, measurements=measurements,
+                           cpu_capabilities=("BF16", "FP32"), load_average_1min=0.5)
+    json_path, markdown_path = write_runtime_choice(tmp_path / "osnet_x1_0_bf16", choice)
+    record = read_runtime_choice(json_path.parent)
+    assert record["runtime"] == "openvino-bf16" and record["reason"] == reason
+    assert [m["images_per_s"] for m in record["measurements"]] == [82.0, 217.0]
+    text = markdown_path.read_text()
+    assert text.startswith("# CPU runtime: openvino-bf16") and "| openvino-bf16 | 217.0 | 32 | 0.999990 |" in text
+
+
+def test_runtime_option_defaults_to_auto():
+    assert build_parser().parse_args([]).runtime == "auto"
+    assert build_parser().parse_args(["--runtime", "openvino-int8"]).runtime == "openvino-int8"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--runtime", "openvino-fp16"])
+
+
+# --- the repository -------------------------------------------------------------------------------
+
+def test_openvino_config_carries_its_properties_and_the_batcher_its_preferred_sizes(tmp_path):
+    settings = CpuRepositorySettings(intra_op_threads=2, streams=2, preferred_batch_sizes=(32,))
+    name = write_cpu_models(tmp_path, VARIANT, settings, RUNTIMES["openvino-bf16"])
+    config = parse_config((tmp_path / name / "config.pbtxt").read_text())
+    assert name == "osnet_x0_25_bf16" and served_tensor_model(tmp_path) == name
+    assert {k: v.string_value for k, v in config.parameters.items() if k != "EXECUTION_ENV_PATH"} == {
+        "INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": "2", "INFERENCE_NUM_THREADS": "2"}
+    assert list(config.dynamic_batching.preferred_batch_size) == [32]
+    assert "OpenVINO" in (tmp_path / name / "1" / "model.py").read_text()
+
+
+def test_a_new_choice_replaces_the_earlier_cpu_model_of_the_variant(tmp_path):
+    write_cpu_models(tmp_path, VARIANT, CpuRepositorySettings(), RUNTIMES["onnxruntime-fp32"])
+    other = write_cpu_models(tmp_path, "osnet_x1_0", CpuRepositorySettings(), RUNTIMES["onnxruntime-fp32"])
+    write_cpu_models(tmp_path, VARIANT, CpuRepositorySettings(), RUNTIMES["openvino-int8"])
+    assert not (tmp_path / "osnet_x0_25_fp32").exists() and (tmp_path / other).is_dir()
+    assert served_tensor_model(tmp_path) == "osnet_x0_25_int8"
+
+
+@pytest.mark.parametrize("bad", [{"streams": 0}, {"preferred_batch_sizes": (0,)}, {"preferred_batch_sizes": (128,)}])
+def test_settings_refuse_nonsense(bad):
+    with pytest.raises(ValueError):
+        CpuRepositorySettings(**bad)
+
+
+# --- served by a real tritonserver ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def x0_25():
+    from engine_builder.models import create_osnet
+
+    return create_osnet(VARIANT)
+
+
+@pytest.fixture(scope="module")
+def evaluation(x0_25):
+    from engine_builder.build import pytorch_embeddings
+    from engine_builder.image_sets import EVALUATION_SEED, image_set
+
+    images = image_set(None, 16, EVALUATION_SEED)
+    return images, pytorch_embeddings(x0_25, images)
+
+
+# Every runtime's python-backend model in one repository, under names of their own; OpenVINO with
+# two streams (a batch split and joined back) and with one.
+SERVED = {
+    "ort_fp32": ("onnxruntime-fp32", None, 0.9999),
+    "ov_fp32_two_streams": ("openvino-fp32", 2, 0.9999),
+    "ov_bf16_one_stream": ("openvino-bf16", 1, 0.999),
+    "ort_int8": ("onnxruntime-int8", None, 0.99),
+    "ov_int8": ("openvino-int8", None, 0.99),
+}
+
+
+@pytest.fixture(scope="module")
+def every_runtime_server(tmp_path_factory, x0_25):
+    from engine_builder.build import make_cpu_graphs
+
+    root = tmp_path_factory.mktemp("runtimes")
+    graphs = make_cpu_graphs(x0_25, {"fp32", "int8"}, root, RuntimeSelection(calibration_images=8))
+    repository = root / "repository"
+    capabilities, has_openvino = cpu_capabilities(), openvino_installed()
+    for name, (runtime_name, streams, _) in SERVED.items():
+        runtime = RUNTIMES[runtime_name]
+        if unavailable_reason(runtime, capabilities, has_openvino) is not None:
+            continue
+        settings = CpuRepositorySettings(max_batch_size=32, streams=streams)
+        config = cpu_tensor_model_config(name, settings, runtime.config_parameters(None, streams))
+        version_dir = write_model(repository, config, runtime.python_source)
+        shutil.copyfile(graphs[runtime.graph], version_dir / "model.onnx")
+    with TritonServerProcess(TritonServerConfig(model_repository=repository)) as server:
+        yield server
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("model", sorted(SERVED))
+def test_each_runtime_serves_embeddings_close_to_pytorch_fp32(every_runtime_server, evaluation, model):
+    runtime, _, min_cosine = SERVED[model]
+    reason = unavailable_reason(RUNTIMES[runtime], cpu_capabilities(), openvino_installed())
+    if reason is not None:
+        pytest.skip(f"{runtime}: {reason}")
+    images, reference = evaluation
+    with EmbeddingClient(every_runtime_server.grpc_url) as client:
+        served = client.embed_tensors(images, model)
+    cosines = np.sum(served * reference, axis=1)
+    assert served.shape == (len(images), 512)
+    assert cosines.min() >= min_cosine, cosines
+    np.testing.assert_allclose(np.linalg.norm(served, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.server
+@needs_openvino
+def test_concurrent_requests_split_over_streams_each_get_their_own_embedding(every_runtime_server, evaluation):
+    images, reference = evaluation
+
+    def embed_alone(index: int) -> np.ndarray:
+        with EmbeddingClient(every_runtime_server.grpc_url) as client:
+            return client.embed_tensors(images[index : index + 1], "ov_fp32_two_streams")[0]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        served = np.stack(list(pool.map(embed_alone, range(len(images)))))
+    assert np.all(np.argmax(served @ reference.T, axis=1) == np.arange(len(images)))
+    assert np.sum(served * reference, axis=1).min() >= 0.9999
+
+
+@pytest.mark.server
+def test_auto_without_bf16_serves_its_choice_through_the_ensemble(tmp_path, x0_25):
+    from engine_builder.build import build_cpu_repository, pytorch_embeddings
+    from engine_builder.image_sets import preprocess_all
+    from engine_builder.synthetic_people import person_jpegs
+
+    # A CPU without BF16, as far as the choice goes: only what such a CPU runs is a candidate.
+    candidates = tuple(r.name for r in available_runtimes(cpu_capabilities() - {"BF16"}, openvino_installed()))
+    selection = RuntimeSelection(runtime="auto", candidates=candidates, seconds_per_candidate=0.6,
+                                 evaluation_images=16, calibration_images=8)
+    repository = build_cpu_repository(VARIANT, tmp_path / "repository", settings=CpuRepositorySettings(max_batch_size=32),
+                                      selection=selection)
+    served = served_tensor_model(repository)
+    record = read_runtime_choice(repository / served)
+    speeds = {m["runtime"]: m["images_per_s"] for m in record["measurements"]}
+    assert set(speeds) == set(candidates) and "openvino-bf16" not in speeds
+    assert served == tensor_model_name(VARIANT, RUNTIMES[record["runtime"]].precision)
+    assert speeds[record["runtime"]] >= speeds[BASELINE_RUNTIME]
+    assert (repository / served / "runtime_choice.md").read_text().startswith(f"# CPU runtime: {record['runtime']}")
+    assert sorted(p.name for p in repository.iterdir()) == sorted(["osnet", "preprocess", served])
+
+    jpegs = person_jpegs(4, cameras=2)
+    with TritonServerProcess(TritonServerConfig(model_repository=repository)) as server, EmbeddingClient(server.grpc_url) as client:
+        embeddings = client.embed_images(jpegs)
+    # The build held its choice to the floor on its own held-out images; these are others.
+    assert np.sum(embeddings * pytorch_embeddings(x0_25, preprocess_all(jpegs)), axis=1).min() >= SERVING_FLOOR.min_cosine
+
+    # An explicit runtime below its floor fails the build and leaves the served repository as it was.
+    strict = RuntimeSelection(runtime="onnxruntime-int8", calibration_images=8, evaluation_images=16,
+                              floor=PrecisionFloor(min_mean_cosine=0.99999, min_cosine=0.9999, min_top1_agreement=1.0))
+    before = json.dumps(record)
+    with pytest.raises(RuntimeSelectionError, match="onnxruntime-int8 drifts too far from PyTorch FP32"):
+        build_cpu_repository(VARIANT, repository, settings=CpuRepositorySettings(max_batch_size=32), selection=strict)
+    assert served_tensor_model(repository) == served and json.dumps(read_runtime_choice(repository / served)) == before
