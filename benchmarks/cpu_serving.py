@@ -19,7 +19,7 @@ that others disturbed (> 0.1 core) is measured again once the machine is quiet.
 
 The load generator (Python, gRPC) shares the machine's cores with the server. On a VM, a 12.6 MB
 buffer allocated fresh for every request costs more in page faults than in copying, so this script
-asks glibc to keep large freed buffers (`mallopt`, and `GLIBC_TUNABLES` for the servers it starts).
+asks glibc to keep large freed buffers (`mallopt`), as `TritonServerProcess` does for the server.
 
     python -m benchmarks.cpu_serving [--variants osnet_x1_0 osnet_x0_25] [--seconds 6] [--rounds 3]
 """
@@ -33,7 +33,6 @@ import shutil
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +44,6 @@ BATCH, CONCURRENCY = 32, 8
 # Above this many cores busy with other people's work, a row is not a measurement of ours.
 QUIET_CORES = 0.1
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-# glibc's defaults return every freed 12.6 MB request buffer to the kernel, and the next request
-# page-faults it back in: ~40 ms of client CPU per batch-32 request here instead of ~10.
-MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES = 32 << 20, 128 << 20  # 32 MiB is glibc's largest mmap threshold
-GLIBC_TUNABLES = f"glibc.malloc.mmap_threshold={MMAP_THRESHOLD_BYTES}:glibc.malloc.trim_threshold={TRIM_THRESHOLD_BYTES}"
 T = TypeVar("T")
 
 
@@ -152,34 +147,6 @@ def cosines(embeddings: np.ndarray, reference: np.ndarray) -> tuple[float, float
     return float(values.mean()), float(values.min())
 
 
-class SharedMemoryTensorClient:
-    """Tensor requests whose input travels in Triton system shared memory: one region per thread,
-    the batch copied into it for every request, only the small response over gRPC."""
-
-    def __init__(self, url: str, model: str, batch: np.ndarray):
-        import tritonclient.grpc as grpcclient
-        import tritonclient.utils.shared_memory as shm
-
-        self._shm = shm
-        self.model, self.batch = model, batch
-        self.name = f"osnet_bench_{uuid.uuid4().hex[:12]}"
-        self.client = grpcclient.InferenceServerClient(url)
-        self.region = shm.create_shared_memory_region(self.name, f"/{self.name}", batch.nbytes)
-        self.client.register_system_shared_memory(self.name, f"/{self.name}", batch.nbytes)
-        self.input = grpcclient.InferInput("INPUT", list(batch.shape), "FP32")
-        self.input.set_shared_memory(self.name, batch.nbytes)
-        self.outputs = [grpcclient.InferRequestedOutput("EMBEDDING")]
-
-    def embed(self) -> np.ndarray:
-        self._shm.set_shared_memory_region(self.region, [self.batch])
-        return self.client.infer(self.model, [self.input], outputs=self.outputs).as_numpy("EMBEDDING")
-
-    def close(self) -> None:
-        self.client.unregister_system_shared_memory(self.name)
-        self._shm.destroy_shared_memory_region(self.region)
-        self.client.close()
-
-
 class PerThread(Generic[T]):
     """One client per load-generator thread, all closed at the end."""
 
@@ -270,7 +237,7 @@ def benchmark_variant(variant: str, seconds: float, rounds: int, workdir: Path, 
         with TritonServerProcess(TritonServerConfig(model_repository=repository)) as server:
             load.groups.add(server.pid)  # the server leads its own process group, its python stubs included
             clients = PerThread(lambda: EmbeddingClient(server.grpc_url))
-            shared = PerThread(lambda: SharedMemoryTensorClient(server.grpc_url, tensor_model, images))
+            shared = PerThread(lambda: EmbeddingClient(server.grpc_url, shared_memory=True))
             try:
                 served = np.concatenate([clients.get().embed_tensors(evaluation[i : i + BATCH], tensor_model)
                                          for i in range(0, len(evaluation), BATCH)])
@@ -282,8 +249,8 @@ def benchmark_variant(variant: str, seconds: float, rounds: int, workdir: Path, 
                 ]
                 if runtime.name == chosen:
                     plan += [
-                        ("tensor model, shared memory", BATCH, 1, lambda: len(shared.get().embed())),
-                        ("tensor model, shared memory", BATCH, CONCURRENCY, lambda: len(shared.get().embed())),
+                        ("tensor model, shared memory", BATCH, 1, lambda: len(shared.get().embed_tensors(images, tensor_model))),
+                        ("tensor model, shared memory", BATCH, CONCURRENCY, lambda: len(shared.get().embed_tensors(images, tensor_model))),
                     ]
                 for path, per_request, concurrency, run in plan:
                     rate, foreign = load.measured_quietly(lambda: measure(run, seconds, concurrency, rounds))
@@ -302,6 +269,8 @@ def benchmark_variant(variant: str, seconds: float, rounds: int, workdir: Path, 
 
 
 def print_table(rows: list[Row], choices: dict[str, tuple[str, str]], settings, seconds: float, rounds: int) -> None:
+    from client.triton_server import KEEP_LARGE_BUFFERS
+
     best_in_process = {}
     for row in rows:
         if row.path.startswith("in-process"):
@@ -326,16 +295,18 @@ def print_table(rows: list[Row], choices: dict[str, tuple[str, str]], settings, 
           f"{seconds / rounds:.1f} s. Tensor models: {settings.instances} instance(s), threads "
           f"{settings.intra_op_threads or 'runtime default'}, streams {streams}, dynamic batching (max queue delay "
           f"{settings.max_queue_delay_us} us, preferred sizes {list(settings.preferred_batch_sizes) or 'none'}); "
-          f"glibc malloc: {GLIBC_TUNABLES} (client and servers).")
+          f"glibc malloc keeps large buffers ({KEEP_LARGE_BUFFERS}) in the load generator and the servers.")
 
 
 def keep_large_buffers() -> None:
-    """For this process now, and (through the environment) for every server it starts."""
+    """What `KEEP_LARGE_BUFFERS` does for the servers, for the load generator (this process):
+    without it each batch-32 request costs the client ~40 ms of CPU in page faults instead of ~10."""
+    from client.triton_server import MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES
+
     libc = ctypes.CDLL("libc.so.6")
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     if not (libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)):
         raise OSError("glibc refused mallopt")
-    os.environ["GLIBC_TUNABLES"] = GLIBC_TUNABLES
 
 
 def main() -> None:

@@ -6,7 +6,8 @@
       --runtime names; `auto` measures the candidates here and serves the fastest within the precision
       floor, and `<model>/runtime_choice.md` says why. fp16 / int8: makes the precision graphs,
       writes their precision report (failing below the floor), rewrites them to the fused plugins
-      (checked on CPU), and with TensorRT >= 10.9 and a GPU builds `<variant>_fp16|int8` engines.
+      (checked on CPU), and with TensorRT >= 10.9 and a GPU builds `<variant>_trt_fp16|int8` engines
+      and points the `osnet` ensemble at INT8 (else FP16).
   osnet-build check-trt [--variant V] ...
       with TensorRT and a GPU: engines with and without the fused plugins, cosine and img/s side by side.
 Serve with: tritonserver --model-repository <repository>
@@ -82,7 +83,7 @@ def run_build(args: argparse.Namespace) -> int:
     from engine_builder.build import PrecisionBuildSettings, build_cpu_repository, build_precision_graphs
     from engine_builder.cpu_runtimes import RuntimeSelection
     from engine_builder.tensorrt_build import EngineBuildSettings, build_engine, tensorrt_unavailable_reason
-    from engine_builder.triton_repository import CpuRepositorySettings, GpuRepositorySettings, tensor_model_name, write_tensorrt_model
+    from engine_builder.triton_repository import CpuRepositorySettings, GpuRepositorySettings, write_tensorrt_models
 
     if "fp32" in args.precision:
         settings = CpuRepositorySettings(max_batch_size=args.max_batch_size, instances=args.instances, intra_op_threads=args.intra_op_threads)
@@ -104,11 +105,12 @@ def run_build(args: argparse.Namespace) -> int:
               "run the same command where TensorRT and a GPU are (NVIDIA's Triton container).", file=sys.stderr)
         return 0
     engine_settings = EngineBuildSettings(max_batch_size=args.max_batch_size, timing_cache=work_dir / "timing.cache")
-    for precision, graph in graphs.with_plugins.items():
-        plan = build_engine(graph, work_dir / f"{precision}.plan", engine_settings, plugins=True)
-        write_tensorrt_model(args.repository, tensor_model_name(args.variant, precision), plan,
-                             GpuRepositorySettings(max_batch_size=args.max_batch_size, instances=args.instances),
-                             jit_plugins=args.jit_plugins, report_dir=work_dir)
+    plans = {precision: build_engine(graph, work_dir / f"{precision}.plan", engine_settings, plugins=True)
+             for precision, graph in graphs.with_plugins.items()}
+    served = write_tensorrt_models(args.repository, args.variant, plans,
+                                   GpuRepositorySettings(max_batch_size=args.max_batch_size, instances=args.instances),
+                                   jit_plugins=args.jit_plugins, report_dir=work_dir)
+    print(f"engines in {args.repository}/; the `osnet` ensemble runs {served}")
     return 0
 
 

@@ -171,7 +171,9 @@ def make_cpu_int8_onnx(fp32_model: onnx.ModelProto, calibration_images: np.ndarr
         raise ValueError(f"calibration method must be one of {INT8_CALIBRATION_METHODS}, got {method!r}")
     if len(calibration_images) == 0:
         raise ValueError("INT8 calibration needs at least one image")
-    with tempfile.TemporaryDirectory() as scratch, _root_logging_at_least(logging.WARNING):
+    # ERROR: quantize_static also warns on every call to "pre-process" the model first (fold
+    # BatchNorm, infer shapes); the export folded every BatchNorm into its Conv already.
+    with tempfile.TemporaryDirectory() as scratch, _root_logging_at_least(logging.ERROR):
         source, target = Path(scratch) / "fp32.onnx", Path(scratch) / "int8.onnx"
         onnx.save(fp32_model, source)
         quantize_static(

@@ -8,6 +8,7 @@ The CPU repository holds three models:
 - `<variant>_<precision>` (fp32, bf16 or int8): python backend running model.onnx with the CPU
   runtime the build chose (ONNX Runtime or OpenVINO, see `cpu_runtimes`);
 - `osnet`: ensemble IMAGE -> preprocess -> <variant>_<precision> -> EMBEDDING, FEATURES.
+TensorRT builds add `<variant>_trt_fp16|int8` and point the ensemble at the fastest of them.
 The python-backend sources are committed at the top of `triton_repo/` and copied into each model.
 """
 from __future__ import annotations
@@ -70,7 +71,13 @@ class CpuRepositorySettings:
 
 
 def tensor_model_name(variant: str, precision: str = "fp32") -> str:
+    """The CPU tensor model: `<variant>_fp32|bf16|int8`."""
     return f"{variant}_{precision}"
+
+
+def tensorrt_model_name(variant: str, precision: str) -> str:
+    """A TensorRT engine: `<variant>_trt_fp16|int8`, beside the CPU model of the same precision, never over it."""
+    return f"{variant}_trt_{precision}"
 
 
 def render_config(config: pb.ModelConfig) -> str:
@@ -142,6 +149,12 @@ def write_model(repository: Path, config: pb.ModelConfig, python_source: str | N
     return version_dir
 
 
+def write_ensemble(repository: Path, tensor_model: str, settings: CpuRepositorySettings) -> None:
+    """Write `preprocess` and the `osnet` ensemble over `tensor_model` (a CPU model or a TensorRT engine)."""
+    write_model(repository, preprocess_config(settings), "image_preprocessor.py")
+    write_model(repository, ensemble_config(tensor_model, settings.max_batch_size))
+
+
 def write_cpu_models(repository: Path, variant: str, settings: CpuRepositorySettings, runtime: CpuRuntime) -> str:
     """Write preprocess, the tensor model `runtime` serves and the ensemble over it; the tensor model's
     `1/model.onnx` must be written separately. A CPU tensor model of the same variant left by an
@@ -149,23 +162,14 @@ def write_cpu_models(repository: Path, variant: str, settings: CpuRepositorySett
     """
     tensor_model = tensor_model_name(variant, runtime.precision)
     parameters = runtime.config_parameters(settings.intra_op_threads, settings.streams)
-    write_model(repository, preprocess_config(settings), "image_preprocessor.py")
     write_model(repository, cpu_tensor_model_config(tensor_model, settings, parameters), runtime.python_source)
-    write_model(repository, ensemble_config(tensor_model, settings.max_batch_size))
-    _remove_stale_cpu_models(repository, variant, keep=tensor_model)
-    return tensor_model
-
-
-def _remove_stale_cpu_models(repository: Path, variant: str, keep: str) -> None:
+    write_ensemble(repository, tensor_model, settings)
     for precision in PRECISION_ORDER:
-        directory = repository / tensor_model_name(variant, precision)
-        if directory.name == keep or not (directory / "config.pbtxt").is_file():
-            continue
-        config = parse_config((directory / "config.pbtxt").read_text())
-        # Only what a CPU build writes: a TensorRT model of the same name (GPU instances, or a plan) stays.
-        if config.backend == "python" and all(g.kind == pb.ModelInstanceGroup.KIND_CPU for g in config.instance_group):
-            shutil.rmtree(directory)
-            logger.info("removed %s, left by an earlier CPU build", directory)
+        stale = repository / tensor_model_name(variant, precision)
+        if stale.name != tensor_model and stale.is_dir():
+            shutil.rmtree(stale)
+            logger.info("removed %s, left by an earlier CPU build", stale)
+    return tensor_model
 
 
 def served_tensor_model(repository: Path) -> str:
@@ -225,3 +229,19 @@ def write_tensorrt_model(
         for report in report_dir.glob("precision_report.*"):
             shutil.copyfile(report, repository / name / report.name)
     return version_dir
+
+
+def write_tensorrt_models(
+    repository: Path, variant: str, plans: Mapping[str, Path], settings: GpuRepositorySettings, jit_plugins: bool,
+    report_dir: Path | None = None,
+) -> str:
+    """Install each precision's plan as `<variant>_trt_<precision>` and point the `osnet` ensemble at
+    INT8 if it was built (it passed its precision floor, and it is the lighter engine), else FP16.
+    The CPU tensor model stays, under its own name. Returns the model the ensemble now runs."""
+    if not plans or set(plans) - {"fp16", "int8"}:
+        raise ValueError(f"TensorRT plans are fp16 and/or int8, got {sorted(plans)}")
+    for precision, plan in plans.items():
+        write_tensorrt_model(repository, tensorrt_model_name(variant, precision), plan, settings, jit_plugins, report_dir)
+    served = tensorrt_model_name(variant, "int8" if "int8" in plans else "fp16")
+    write_ensemble(repository, served, CpuRepositorySettings(max_batch_size=settings.max_batch_size))
+    return served

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,6 +147,40 @@ def test_wrong_tensor_is_refused_with_a_clear_message(triton_server, client, sha
         raw.infer(tensor_model, [request])
     raw.close()
     assert client.embed_tensors(np.zeros((1, 3, 256, 128), np.float32), tensor_model).shape == (1, 512)
+
+
+def _registered_shared_memory(url: str) -> set[str]:
+    raw = grpcclient.InferenceServerClient(url)
+    try:
+        return {region["name"] for region in raw.get_system_shared_memory_status(as_json=True).get("regions", {}).values()}
+    finally:
+        raw.close()
+
+
+def test_shared_memory_tensors_match_grpc_and_leave_nothing_behind(triton_server, client, tensor_model):
+    rng = np.random.default_rng(3)
+    batches = [rng.standard_normal((size, 3, 256, 128), dtype=np.float32) for size in (2, 5, 1, 7, 3, 5, 8, 4)]
+    expected = [client.embed_tensors(batch, tensor_model) for batch in batches]
+    with EmbeddingClient(triton_server.grpc_url, shared_memory=True) as shared:
+        # Four requests in flight at once, batch sizes that make regions grow: each gets its own embeddings.
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            served = list(pool.map(lambda batch: shared.embed_tensors(batch, tensor_model), batches * 3))
+        for got, want in zip(served, expected * 3):
+            np.testing.assert_allclose(got, want, atol=1e-5)
+        regions = _registered_shared_memory(triton_server.grpc_url)
+        assert 1 <= len(regions) <= 4, regions
+        with pytest.raises(InvalidInputError):
+            shared.embed_tensors(np.zeros((1, 3, 128, 256), np.float32), tensor_model)
+        np.testing.assert_allclose(shared.embed_tensors(batches[0], tensor_model), expected[0], atol=1e-5)
+    assert not _registered_shared_memory(triton_server.grpc_url) & regions
+    assert not [path for path in Path("/dev/shm").iterdir() if path.name in regions]
+
+
+def test_shared_memory_without_a_server_is_named(tensor_model):
+    with EmbeddingClient(f"127.0.0.1:{find_free_port()}", timeout_s=5, shared_memory=True) as client:
+        with pytest.raises(ServerUnavailableError, match="is tritonserver running"):
+            client.embed_tensors(np.zeros((1, 3, 256, 128), np.float32), tensor_model)
+    assert not [path for path in Path("/dev/shm").iterdir() if path.name.startswith(f"osnet_client_{os.getpid()}_")]
 
 
 def test_empty_batch_is_refused_before_sending(client, tensor_model):

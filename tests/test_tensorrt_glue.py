@@ -81,6 +81,29 @@ def test_tensorrt_plan_config_serves_the_cpu_models_io():
     assert config.optimization.cuda.graphs and config.HasField("dynamic_batching")
 
 
+def test_engines_sit_beside_the_cpu_model_and_the_ensemble_runs_int8(tmp_path):
+    from engine_builder.cpu_runtimes import RUNTIMES
+    from engine_builder.triton_repository import CpuRepositorySettings, served_tensor_model, write_cpu_models, write_tensorrt_models
+
+    cpu_model = write_cpu_models(tmp_path, "osnet_x1_0", CpuRepositorySettings(), RUNTIMES["openvino-int8"])
+    cpu_config = (tmp_path / cpu_model / "config.pbtxt").read_text()
+    plans = {}
+    for precision in ("fp16", "int8"):
+        plans[precision] = tmp_path / f"{precision}.plan"
+        plans[precision].write_bytes(precision.encode())
+    served = write_tensorrt_models(tmp_path, "osnet_x1_0", plans, GpuRepositorySettings(max_batch_size=32), jit_plugins=False)
+    assert served == "osnet_x1_0_trt_int8" == served_tensor_model(tmp_path)
+    assert (tmp_path / "osnet_x1_0_trt_fp16" / "1" / "model.plan").read_bytes() == b"fp16"
+    assert parse_config((tmp_path / served / "config.pbtxt").read_text()).platform == "tensorrt_plan"
+    assert (tmp_path / cpu_model / "config.pbtxt").read_text() == cpu_config  # osnet_x1_0_int8, on the CPU, untouched
+    ensemble = parse_config((tmp_path / "osnet" / "config.pbtxt").read_text())
+    assert ensemble.max_batch_size == 32 and (tmp_path / "preprocess" / "1" / "model.py").is_file()
+    only_fp16 = write_tensorrt_models(tmp_path / "gpu_only", "osnet_x1_0", {"fp16": plans["fp16"]}, GpuRepositorySettings(), jit_plugins=True)
+    assert only_fp16 == served_tensor_model(tmp_path / "gpu_only") == "osnet_x1_0_trt_fp16"
+    with pytest.raises(ValueError, match="fp16 and/or int8"):
+        write_tensorrt_models(tmp_path, "osnet_x1_0", {"fp32": plans["fp16"]}, GpuRepositorySettings(), jit_plugins=False)
+
+
 @pytest.mark.skipif(tensorrt_unavailable_reason() is None, reason="TensorRT is installed here: the engine step runs instead")
 def test_without_tensorrt_the_build_writes_graphs_and_says_why_no_engine(tmp_path, capsys):
     assert main(["--variant", "osnet_x0_25", "--precision", "fp16", "--work-dir", str(tmp_path / "work"),

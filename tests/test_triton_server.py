@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from client.embedding_client import EmbeddingClient
-from client.triton_server import SHM_DIR, TritonServerConfig, TritonServerError, TritonServerProcess, find_free_port
+from client.triton_server import KEEP_LARGE_BUFFERS, SHM_DIR, TritonServerConfig, TritonServerError, TritonServerProcess, find_free_port
 
 pytestmark = pytest.mark.server
 
@@ -65,6 +65,14 @@ def test_stop_leaves_no_process_and_no_shared_memory(served_repository):
 def test_binds_to_loopback_only(triton_server):
     for port in (triton_server.config.grpc_port, triton_server.config.http_port, triton_server.config.metrics_port):
         assert listening_addresses(port) == {"127.0.0.1"}
+
+
+def test_server_keeps_large_buffers_unless_the_user_tuned_glibc(triton_server, monkeypatch):
+    # glibc consumes GLIBC_TUNABLES at start-up (it is gone from /proc/PID/environ), so check what the server is given.
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert triton_server.install.environment()["GLIBC_TUNABLES"] == KEEP_LARGE_BUFFERS
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    assert triton_server.install.environment()["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"
 
 
 def test_a_model_that_cannot_load_fails_the_start_fast_with_its_reason(served_repository, tensor_model, tmp_path):
