@@ -13,8 +13,9 @@ For each variant, at batch 32 unless said otherwise:
   JPEG bytes.
 Models have the weights `osnet-build` uses without --weights (the reference checkpoint for
 osnet_x0_25, seeded random weights otherwise). Beside each row: mean and minimum cosine of its
-embeddings against PyTorch FP32 on held-out generated people (served rows: what came back from the server), and the cores other people's processes kept
-busy meanwhile. Every row is the best of `--rounds` rounds, in-process and served alike, and a row
+embeddings against PyTorch FP32 on held-out generated people (served rows: what came back from the
+server), the cores the load generator itself used (served rows), and the cores other people's
+processes kept busy meanwhile. Every row is the best of `--rounds` rounds, in-process and served alike, and a row
 that others disturbed (> 0.1 core) is measured again once the machine is quiet.
 
 The load generator (Python, gRPC) shares the machine's cores with the server. On a VM, a 12.6 MB
@@ -58,6 +59,7 @@ class Row:
     mean_cosine: float | None
     min_cosine: float | None
     foreign_cores: float
+    client_cores: float | None  # served rows: what the load generator (this process) used
 
 
 def _system_busy_s() -> float:
@@ -118,11 +120,11 @@ class ForeignLoad:
             print(f"  (others used {foreign:.2f} cores meanwhile: measuring again)", flush=True)
 
 
-def measure(run_batch: Callable[[], int], seconds: float, concurrency: int = 1, rounds: int = 1) -> float:
+def measure(run_batch: Callable[[], int], seconds: float, concurrency: int = 1, rounds: int = 1) -> tuple[float, float]:
     """Images per second of `run_batch` (returns how many images it did) called in `concurrency`
-    threads: the best of `rounds` rounds of `seconds / rounds`."""
+    threads, and the cores this process used meanwhile: the best of `rounds` rounds of `seconds / rounds`."""
     run_batch()  # warm-up: first-call allocation and graph optimisation are not throughput
-    best = 0.0
+    best, best_cores = 0.0, 0.0
     for _ in range(rounds):
         done = [0] * concurrency
         deadline = time.perf_counter() + seconds / rounds
@@ -131,14 +133,16 @@ def measure(run_batch: Callable[[], int], seconds: float, concurrency: int = 1, 
             while time.perf_counter() < deadline:
                 done[slot] += run_batch()
 
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         threads = [threading.Thread(target=worker, args=(slot,)) for slot in range(concurrency)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-        best = max(best, sum(done) / (time.perf_counter() - started))
-    return best
+        elapsed = time.perf_counter() - started
+        if sum(done) / elapsed > best:
+            best, best_cores = sum(done) / elapsed, (time.process_time() - cpu_started) / elapsed
+    return best, best_cores
 
 
 def cosines(embeddings: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
@@ -189,11 +193,13 @@ def benchmark_variant(variant: str, seconds: float, rounds: int, workdir: Path, 
     rows: list[Row] = []
 
     def record(runtime: str, path: str, batch: int, clients: int, rate: float, foreign: float,
-               agreement: tuple[float | None, float | None]) -> None:
+               agreement: tuple[float | None, float | None], client_cores: float | None = None) -> None:
         mean, minimum = agreement
         rows.append(Row(variant=variant, runtime=runtime, path=path, batch=batch, concurrency=clients, images_per_s=rate,
-                        mean_cosine=mean, min_cosine=minimum, foreign_cores=foreign))
+                        mean_cosine=mean, min_cosine=minimum, foreign_cores=foreign,
+                        client_cores=client_cores))
         cosine = "" if mean is None else f"  cosine mean {mean:.6f} min {minimum:.6f}"
+        cosine += "" if client_cores is None else f"  load generator {client_cores:.2f} cores"
         print(f"  {variant:<12} {runtime:<17} {path:<32} batch {batch:>2} x {clients}: {rate:8.1f} img/s{cosine}"
               f"  (others: {foreign:.2f} cores)", flush=True)
 
@@ -212,7 +218,7 @@ def benchmark_variant(variant: str, seconds: float, rounds: int, workdir: Path, 
             model(tensor)
         return BATCH
 
-    rate, foreign = load.measured_quietly(lambda: measure(torch_batch, seconds, rounds=rounds))
+    (rate, _), foreign = load.measured_quietly(lambda: measure(torch_batch, seconds, rounds=rounds))
     record("pytorch-fp32", "in-process (eager)", BATCH, 1, rate, foreign, (1.0, 1.0))
 
     runtimes = available_runtimes(cpu_capabilities(), openvino_installed())
@@ -253,14 +259,14 @@ def benchmark_variant(variant: str, seconds: float, rounds: int, workdir: Path, 
                         ("tensor model, shared memory", BATCH, CONCURRENCY, lambda: len(shared.get().embed_tensors(images, tensor_model))),
                     ]
                 for path, per_request, concurrency, run in plan:
-                    rate, foreign = load.measured_quietly(lambda: measure(run, seconds, concurrency, rounds))
-                    record(runtime.name, path, per_request, concurrency, rate, foreign, agreement)
+                    (rate, cores), foreign = load.measured_quietly(lambda: measure(run, seconds, concurrency, rounds))
+                    record(runtime.name, path, per_request, concurrency, rate, foreign, agreement, cores)
                 if runtime.name == chosen:
                     ensemble = cosines(clients.get().embed_images(jpegs[:BATCH]), jpeg_reference)
                     for per_request, concurrency in ((BATCH, 1), (1, CONCURRENCY)):
-                        rate, foreign = load.measured_quietly(lambda: measure(
+                        (rate, cores), foreign = load.measured_quietly(lambda: measure(
                             lambda: len(clients.get().embed_images(jpegs[:per_request])), seconds, concurrency, rounds))
-                        record(runtime.name, "ensemble, JPEG bytes over gRPC", per_request, concurrency, rate, foreign, ensemble)
+                        record(runtime.name, "ensemble, JPEG bytes over gRPC", per_request, concurrency, rate, foreign, ensemble, cores)
             finally:
                 clients.close()
                 shared.close()
@@ -275,12 +281,14 @@ def print_table(rows: list[Row], choices: dict[str, tuple[str, str]], settings, 
     for row in rows:
         if row.path.startswith("in-process"):
             best_in_process[row.variant] = max(best_in_process.get(row.variant, 0.0), row.images_per_s)
-    print("\n| variant | runtime | path | images/request | clients | img/s | x best in-process | mean cosine | min cosine | others' cores |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| variant | runtime | path | images/request | clients | img/s | x best in-process | mean cosine | min cosine "
+          "| load generator cores | others' cores |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         cosine = "- | -" if r.mean_cosine is None else f"{r.mean_cosine:.6f} | {r.min_cosine:.6f}"
+        client = "-" if r.client_cores is None else f"{r.client_cores:.2f}"
         print(f"| {r.variant} | {r.runtime} | {r.path} | {r.batch} | {r.concurrency} | {r.images_per_s:.1f} | "
-              f"{r.images_per_s / best_in_process[r.variant]:.2f} | {cosine} | {r.foreign_cores:.2f} |")
+              f"{r.images_per_s / best_in_process[r.variant]:.2f} | {cosine} | {client} | {r.foreign_cores:.2f} |")
     print()
     for variant, (chosen, reason) in choices.items():
         print(f"- {variant}: auto picks {chosen}: {reason}.")
@@ -289,7 +297,8 @@ def print_table(rows: list[Row], choices: dict[str, tuple[str, str]], settings, 
             best = max(served, key=lambda r: r.images_per_s)
             print(f"  - served {chosen}, {path}, batch {BATCH} x {best.concurrency} clients: {best.images_per_s:.1f} img/s = "
                   f"{best.images_per_s / best_in_process[variant]:.2f}x the best in-process figure "
-                  f"({best_in_process[variant]:.1f} img/s), mean cosine {best.mean_cosine:.6f} vs PyTorch FP32")
+                  f"({best_in_process[variant]:.1f} img/s), mean cosine {best.mean_cosine:.6f} vs PyTorch FP32; "
+                  f"the load generator used {best.client_cores:.2f} of the {os.cpu_count()} cores")
     streams = settings.streams or "OpenVINO THROUGHPUT default"
     print(f"\n{os.cpu_count()} CPU cores; server and load generator share them. Each row: best of {rounds} rounds of "
           f"{seconds / rounds:.1f} s. Tensor models: {settings.instances} instance(s), threads "

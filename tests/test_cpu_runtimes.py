@@ -195,13 +195,15 @@ def evaluation(x0_25):
 
 
 # Every runtime's python-backend model in one repository, under names of their own; OpenVINO with
-# two streams (a batch split and joined back) and with one.
+# two streams (a batch split and joined back), with one, and as two instances.
+# name: (runtime, streams, instances, min cosine vs PyTorch FP32)
 SERVED = {
-    "ort_fp32": ("onnxruntime-fp32", None, 0.9999),
-    "ov_fp32_two_streams": ("openvino-fp32", 2, 0.9999),
-    "ov_bf16_one_stream": ("openvino-bf16", 1, 0.999),
-    "ort_int8": ("onnxruntime-int8", None, 0.99),
-    "ov_int8": ("openvino-int8", None, 0.99),
+    "ort_fp32": ("onnxruntime-fp32", None, 1, 0.9999),
+    "ov_fp32_two_streams": ("openvino-fp32", 2, 1, 0.9999),
+    "ov_bf16_one_stream": ("openvino-bf16", 1, 1, 0.999),
+    "ort_int8": ("onnxruntime-int8", None, 1, 0.99),
+    "ov_int8": ("openvino-int8", None, 1, 0.99),
+    "ov_int8_two_instances": ("openvino-int8", 1, 2, 0.99),
 }
 
 
@@ -213,11 +215,11 @@ def every_runtime_server(tmp_path_factory, x0_25):
     graphs = make_cpu_graphs(x0_25, {"fp32", "int8"}, root, RuntimeSelection(calibration_images=8))
     repository = root / "repository"
     capabilities, has_openvino = cpu_capabilities(), openvino_installed()
-    for name, (runtime_name, streams, _) in SERVED.items():
+    for name, (runtime_name, streams, instances, _) in SERVED.items():
         runtime = RUNTIMES[runtime_name]
         if unavailable_reason(runtime, capabilities, has_openvino) is not None:
             continue
-        settings = CpuRepositorySettings(max_batch_size=32, streams=streams)
+        settings = CpuRepositorySettings(max_batch_size=32, streams=streams, instances=instances)
         config = cpu_tensor_model_config(name, settings, runtime.config_parameters(None, streams))
         version_dir = write_model(repository, config, runtime.python_source)
         shutil.copyfile(graphs[runtime.graph], version_dir / "model.onnx")
@@ -228,7 +230,7 @@ def every_runtime_server(tmp_path_factory, x0_25):
 @pytest.mark.server
 @pytest.mark.parametrize("model", sorted(SERVED))
 def test_each_runtime_serves_embeddings_close_to_pytorch_fp32(every_runtime_server, evaluation, model):
-    runtime, _, min_cosine = SERVED[model]
+    runtime, _, _, min_cosine = SERVED[model]
     reason = unavailable_reason(RUNTIMES[runtime], cpu_capabilities(), openvino_installed())
     if reason is not None:
         pytest.skip(f"{runtime}: {reason}")
@@ -254,6 +256,17 @@ def test_concurrent_requests_split_over_streams_each_get_their_own_embedding(eve
         served = np.stack(list(pool.map(embed_alone, range(len(images)))))
     assert np.all(np.argmax(served @ reference.T, axis=1) == np.arange(len(images)))
     assert np.sum(served * reference, axis=1).min() >= 0.9999
+
+
+@pytest.mark.server
+@needs_openvino
+def test_openvino_pins_threads_only_when_it_is_the_only_instance(every_runtime_server):
+    # Instances are separate processes: with pinning, each would pin its streams to the same first cores.
+    started = [line for line in every_runtime_server.log_tail(4000).splitlines() if ": OpenVINO " in line]
+    two = [line for line in started if "ov_int8_two_instances: OpenVINO" in line]
+    one = [line for line in started if "ov_int8: OpenVINO" in line]
+    assert len(two) == 2 and all("'ENABLE_CPU_PINNING': 'NO'" in line for line in two), started
+    assert len(one) == 1 and "ENABLE_CPU_PINNING" not in one[0], started
 
 
 @pytest.mark.server
