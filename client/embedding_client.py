@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_URL = "127.0.0.1:8001"
 ENSEMBLE_MODEL = "osnet"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+UNKNOWN_REGION_MESSAGE = "Unable to find shared memory region"  # Triton's words for a region it does not know
 
 
 class ClientError(OsnetTritonError):
@@ -126,6 +127,13 @@ class _SharedMemoryInputs:
         with self._lock:
             self._free.append(region)
 
+    def discard(self, region: _SharedMemoryRegion) -> None:
+        """`region` is unknown to the server, so are the idle ones (it restarted): remove them all."""
+        with self._lock:
+            regions, self._free = [region, *self._free], []
+        for stale in regions:
+            self._destroy(stale)
+
     def close(self) -> None:
         """Unregister and remove the regions; call it once no request is in flight."""
         with self._lock:
@@ -178,22 +186,37 @@ class EmbeddingClient:
         if self._shared_inputs is None:
             request.set_data_from_numpy(tensors)
             return self._infer(model, request, output)
+        return self._infer_shared(tensors, request, model, output)
+
+    def _infer_shared(self, tensors: np.ndarray, request: grpcclient.InferInput, model: str, output: str,
+                      retry: bool = True) -> np.ndarray:
         region = self._shared_inputs.acquire(tensors.nbytes)
         try:
             system_shm.set_shared_memory_region(region.handle, [tensors])
             request.set_shared_memory(region.name, tensors.nbytes)
-            return self._infer(model, request, output)
+            return self._client_infer(model, request, output)
+        except InferenceServerException as exc:
+            if retry and UNKNOWN_REGION_MESSAGE in (exc.message() or ""):
+                # The server restarted, or the region was unregistered: register afresh, once.
+                self._shared_inputs.discard(region)
+                region = None
+                return self._infer_shared(tensors, request, model, output, retry=False)
+            raise _translate(exc, self.url, model) from None
         finally:
-            self._shared_inputs.release(region)
+            if region is not None:
+                self._shared_inputs.release(region)
+
+    def _client_infer(self, model: str, request: grpcclient.InferInput, output: str) -> np.ndarray:
+        result = self._client.infer(
+            model, [request], outputs=[grpcclient.InferRequestedOutput(output)], client_timeout=self.timeout_s
+        )
+        return result.as_numpy(output)
 
     def _infer(self, model: str, request: grpcclient.InferInput, output: str) -> np.ndarray:
         try:
-            result = self._client.infer(
-                model, [request], outputs=[grpcclient.InferRequestedOutput(output)], client_timeout=self.timeout_s
-            )
+            return self._client_infer(model, request, output)
         except InferenceServerException as exc:
             raise _translate(exc, self.url, model) from None
-        return result.as_numpy(output)
 
     def health(self) -> ServerHealth:
         try:

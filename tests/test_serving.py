@@ -171,7 +171,15 @@ def test_shared_memory_tensors_match_grpc_and_leave_nothing_behind(triton_server
         assert 1 <= len(regions) <= 4, regions
         with pytest.raises(InvalidInputError):
             shared.embed_tensors(np.zeros((1, 3, 128, 256), np.float32), tensor_model)
+        # As after a server restart: the server forgets every region; the client registers afresh.
+        raw = grpcclient.InferenceServerClient(triton_server.grpc_url)
+        raw.unregister_system_shared_memory()
+        raw.close()
         np.testing.assert_allclose(shared.embed_tensors(batches[0], tensor_model), expected[0], atol=1e-5)
+        renewed = _registered_shared_memory(triton_server.grpc_url)
+        assert len(renewed) == 1 and not renewed & regions
+        assert not [path for path in Path("/dev/shm").iterdir() if path.name in regions]
+        regions |= renewed
     assert not _registered_shared_memory(triton_server.grpc_url) & regions
     assert not [path for path in Path("/dev/shm").iterdir() if path.name in regions]
 
