@@ -18,7 +18,6 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 LOAD_TEST_USERS = 4
-LOAD_TEST_DURATION_S = 10
 
 
 def print_similarity_matrix(labels: list[str], similarity: np.ndarray) -> None:
@@ -39,7 +38,8 @@ def print_cross_camera_matches(labels: list[str], identities: list[int], cameras
     return correct
 
 
-def run_demo(variant: str, repository: Path, output: Path, burst_images: int, weights: Path | None) -> None:
+def run_demo(variant: str, repository: Path, output: Path, burst_images: int, weights: Path | None,
+             load_test_s: int = 10) -> None:
     from client.embedding_client import EmbeddingClient, cosine_similarity, embed_files
     from client.triton_server import TritonServerConfig, TritonServerProcess
     from engine_builder.build import build_cpu_repository
@@ -98,9 +98,9 @@ def run_demo(variant: str, repository: Path, output: Path, burst_images: int, we
             elapsed = time.perf_counter() - started
             print(f"[4/5] burst: {len(burst)} JPEGs, batch 8, 4 requests in flight: {len(burst) / elapsed:.1f} img/s "
                   f"({elapsed:.2f} s; server and client share this machine's cores)")
-        print(f"[5/5] locust over gRPC: {LOAD_TEST_USERS} users for {LOAD_TEST_DURATION_S} s on the `osnet` ensemble ...")
+        print(f"[5/5] locust over gRPC: {LOAD_TEST_USERS} users for {load_test_s} s on the `osnet` ensemble ...")
         load = run_load_test(
-            LoadTestSettings(output_dir=output / "loadtest", url=server.grpc_url, users=LOAD_TEST_USERS, duration_s=LOAD_TEST_DURATION_S)
+            LoadTestSettings(output_dir=output / "loadtest", url=server.grpc_url, users=LOAD_TEST_USERS, duration_s=load_test_s)
         )
         print("\n".join(f"      {line}" for line in format_summary(load).splitlines()))
     print(f"\nserver stopped. Embeddings in {output}/embeddings.npy, load-test report in {output}/loadtest/; serve it yourself with:\n"
@@ -116,10 +116,11 @@ def main() -> None:
     parser.add_argument("--repository", type=Path, default=Path("triton_repo"))
     parser.add_argument("--output", type=Path, default=Path("demo_output"))
     parser.add_argument("--burst-images", type=int, default=256)
+    parser.add_argument("--load-test-s", type=int, default=10, help="locust run time in seconds (default: %(default)s)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     weights = args.weights or (reference_weights() if args.variant == REFERENCE_VARIANT else None)
-    run_demo(args.variant, args.repository, args.output, args.burst_images, weights)
+    run_demo(args.variant, args.repository, args.output, args.burst_images, weights, args.load_test_s)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,40 @@
+"""`make demo` end to end: build, serve, embed, re-identify, burst, load test; nothing left running."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.demo import run_demo
+from engine_builder.reference_weights import REFERENCE_VARIANT, reference_weights
+
+pytestmark = pytest.mark.server
+
+
+def test_demo_reidentifies_unseen_people_and_load_tests_the_server(tmp_path, capsys):
+    run_demo(REFERENCE_VARIANT, tmp_path / "triton_repo", tmp_path / "demo_output", burst_images=16,
+             weights=reference_weights(), load_test_s=3)
+    printed = capsys.readouterr().out
+    assert re.search(r"`osnet` runs osnet_x0_25_(fp32|bf16|int8): --runtime auto chose \S+: [\d.]+ img/s", printed), printed
+    assert "8/8 crops re-identified across cameras" in printed, printed
+    assert re.search(r"result\s+PASSED", printed), printed
+    embeddings = np.load(tmp_path / "demo_output" / "embeddings.npy")
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
+    assert embeddings.shape == (8, 512)
+    assert "server stopped" in printed
+    assert not _child_processes_named("tritonserver")
+
+
+def _child_processes_named(name: str) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            command, fields = stat.read_text().rsplit(")", 1)
+        except OSError:  # exited meanwhile
+            continue
+        if int(fields.split()[1]) == os.getpid() and command.split("(", 1)[1] == name:
+            children.append(int(stat.parent.name))
+    return children
