@@ -30,6 +30,7 @@ from engine_builder.models import FEATURE_DIM, INPUT_HEIGHT, INPUT_WIDTH
 logger = logging.getLogger(__name__)
 
 PYTHON_MODEL_SOURCES = Path(__file__).resolve().parent.parent / "triton_repo"
+PYTHON_HELPER_MODULES = ("batched_responses.py",)
 PREPROCESS_MODEL = "preprocess"
 ENSEMBLE_MODEL = "osnet"
 IMAGE_NAME = "IMAGE"
@@ -136,14 +137,16 @@ def ensemble_config(tensor_model: str, max_batch_size: int) -> pb.ModelConfig:
 
 
 def write_model(repository: Path, config: pb.ModelConfig, python_source: str | None = None) -> Path:
-    """Write `config` (and, for python-backend models, `model.py` from the committed source) as version 1."""
+    """Write `config` as version 1; for python-backend models also `model.py` from the committed
+    source, and beside it the helper modules the sources import."""
     version_dir = repository / config.name / "1"
     version_dir.mkdir(parents=True, exist_ok=True)
     if python_source is not None:
-        source = PYTHON_MODEL_SOURCES / python_source
-        if not source.is_file():
-            raise FileNotFoundError(f"python-backend source {source} is missing: is this a checkout of osnet-triton?")
-        shutil.copyfile(source, version_dir / "model.py")
+        for source, target in [(python_source, "model.py"), *((helper, helper) for helper in PYTHON_HELPER_MODULES)]:
+            if not (PYTHON_MODEL_SOURCES / source).is_file():
+                raise FileNotFoundError(f"python-backend source {PYTHON_MODEL_SOURCES / source} is missing: "
+                                        "is this a checkout of osnet-triton?")
+            shutil.copyfile(PYTHON_MODEL_SOURCES / source, version_dir / target)
     (repository / config.name / "config.pbtxt").write_text(render_config(config))
     logger.info("wrote model %s into %s", config.name, repository)
     return version_dir

@@ -10,6 +10,7 @@ import os
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+from batched_responses import error_responses, split_responses
 
 
 class TritonPythonModel:
@@ -31,19 +32,6 @@ class TritonPythonModel:
         try:
             batch = inputs[0] if len(inputs) == 1 else np.concatenate(inputs)
             outputs = self.session.run(self.output_names, {self.input_name: batch})
-        except Exception as exc:  # ORT raises its own exception types; every request must still get an answer
-            error = pb_utils.TritonError(f"ONNX Runtime failed: {exc}")
-            return [pb_utils.InferenceResponse(error=error) for _ in requests]
-        responses = []
-        start = 0
-        for request, batch in zip(requests, inputs):
-            stop = start + len(batch)
-            wanted = set(request.requested_output_names()) or set(self.output_names)
-            tensors = [
-                pb_utils.Tensor(name, np.ascontiguousarray(output[start:stop]))
-                for name, output in zip(self.output_names, outputs)
-                if name in wanted
-            ]
-            responses.append(pb_utils.InferenceResponse(tensors))
-            start = stop
-        return responses
+        except Exception as exc:  # ORT raises its own exception types
+            return error_responses(requests, f"ONNX Runtime failed: {exc}")
+        return split_responses(requests, [len(item) for item in inputs], dict(zip(self.output_names, outputs)))

@@ -15,6 +15,7 @@ import os
 import numpy as np
 import openvino as ov
 import triton_python_backend_utils as pb_utils
+from batched_responses import error_responses, split_responses
 
 OPENVINO_PROPERTIES = ("INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT", "NUM_STREAMS", "INFERENCE_NUM_THREADS")
 
@@ -73,22 +74,9 @@ class TritonPythonModel:
         inputs = [pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy() for request in requests]
         try:
             outputs = self.run(inputs)
-        except Exception as exc:  # OpenVINO raises its own exception types; every request must still get an answer
-            error = pb_utils.TritonError(f"OpenVINO failed: {exc}")
-            return [pb_utils.InferenceResponse(error=error) for _ in requests]
-        responses = []
-        start = 0
-        for request, batch in zip(requests, inputs):
-            stop = start + len(batch)
-            wanted = set(request.requested_output_names()) or set(self.output_names)
-            tensors = [
-                pb_utils.Tensor(name, np.ascontiguousarray(output[start:stop]))
-                for name, output in zip(self.output_names, outputs)
-                if name in wanted
-            ]
-            responses.append(pb_utils.InferenceResponse(tensors))
-            start = stop
-        return responses
+        except Exception as exc:  # OpenVINO raises its own exception types
+            return error_responses(requests, f"OpenVINO failed: {exc}")
+        return split_responses(requests, [len(item) for item in inputs], dict(zip(self.output_names, outputs)))
 
     def finalize(self):
         self.requests = []

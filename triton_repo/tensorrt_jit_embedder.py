@@ -12,6 +12,7 @@ import cupy
 import numpy as np
 import tensorrt as trt
 import triton_python_backend_utils as pb_utils
+from batched_responses import error_responses, split_responses
 
 from kernels.tensorrt_plugins import register_plugins
 
@@ -44,17 +45,9 @@ class TritonPythonModel:
                 raise RuntimeError("TensorRT execution failed")
             self.stream.synchronize()
             host = {name: cupy.asnumpy(array) for name, array in outputs.items()}
-        except Exception as exc:  # any CUDA or TensorRT failure: every request still gets an answer
-            error = pb_utils.TritonError(f"TensorRT failed: {exc}")
-            return [pb_utils.InferenceResponse(error=error) for _ in requests]
-        responses, start = [], 0
-        for request, item in zip(requests, inputs):
-            stop = start + len(item)
-            wanted = set(request.requested_output_names()) or set(self.output_names)
-            tensors = [pb_utils.Tensor(name, host[name][start:stop]) for name in self.output_names if name in wanted]
-            responses.append(pb_utils.InferenceResponse(tensors))
-            start = stop
-        return responses
+        except Exception as exc:  # any CUDA or TensorRT failure
+            return error_responses(requests, f"TensorRT failed: {exc}")
+        return split_responses(requests, [len(item) for item in inputs], host)
 
     def finalize(self):
         self.context = None
