@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +32,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_URL = "127.0.0.1:8001"
 ENSEMBLE_MODEL = "osnet"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-UNKNOWN_REGION_MESSAGE = "Unable to find shared memory region"  # Triton's words for a region it does not know
+# Triton's words for a region it does not know, and for one a request still holds.
+UNKNOWN_REGION_MESSAGE = "Unable to find shared memory region"
+REGION_IN_USE_MESSAGE = "it is currently in use"
 
 
 class ClientError(OsnetTritonError):
@@ -109,11 +112,24 @@ class _SharedMemoryInputs:
         return region
 
     def _destroy(self, region: _SharedMemoryRegion) -> None:
-        try:
-            self._client.unregister_system_shared_memory(region.name)
-        except InferenceServerException:
-            pass  # the server is gone, and its registrations with it; the region is still ours to remove
+        self._unregister(region.name)
         system_shm.destroy_shared_memory_region(region.handle)
+
+    def _unregister(self, name: str, attempts: int = 20) -> None:
+        # Triton drops its reference to a request's region a moment after the response is sent; until
+        # then it refuses to unregister the region as "in use".
+        for attempt in range(attempts):
+            try:
+                self._client.unregister_system_shared_memory(name)
+                return
+            except InferenceServerException as exc:
+                message = exc.message() or ""
+                if REGION_IN_USE_MESSAGE not in message:
+                    return  # the server is gone (and its registrations with it) or never knew the region
+                if attempt == attempts - 1:
+                    logger.warning("server at %s kept shared memory region %s registered: %s", self._url, name, message)
+                    return
+                time.sleep(0.005 * (attempt + 1))
 
     def acquire(self, byte_size: int) -> _SharedMemoryRegion:
         with self._lock:

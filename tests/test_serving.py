@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,10 +13,17 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
+import tritonclient.utils.shared_memory as system_shm
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from client.embedding_client import EmbeddingClient, InvalidInputError, ModelNotFoundError, ServerUnavailableError
+from client.embedding_client import (
+    EmbeddingClient,
+    InvalidInputError,
+    ModelNotFoundError,
+    ServerUnavailableError,
+    _SharedMemoryInputs,
+)
 from client.triton_server import find_free_port
 from engine_builder.preprocessing import preprocess_encoded
 from engine_builder.synthetic_people import encode_jpeg, person_jpegs, render_person
@@ -182,6 +190,27 @@ def test_shared_memory_tensors_match_grpc_and_leave_nothing_behind(triton_server
         regions |= renewed
     assert not _registered_shared_memory(triton_server.grpc_url) & regions
     assert not [path for path in Path("/dev/shm").iterdir() if path.name in regions]
+
+
+def test_a_region_a_request_still_holds_is_unregistered_once_it_is_released(triton_server, tensor_model):
+    batch = np.zeros((64, 3, 256, 128), np.float32)  # ~0.1 s of work: the server holds the region meanwhile
+    raw = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    inputs = _SharedMemoryInputs(raw, triton_server.grpc_url)
+    region = inputs.acquire(batch.nbytes)
+    system_shm.set_shared_memory_region(region.handle, [batch])
+    request = grpcclient.InferInput("INPUT", list(batch.shape), "FP32")
+    request.set_shared_memory(region.name, batch.nbytes)
+    done = []
+    raw.async_infer(tensor_model, [request], callback=lambda result, error: done.append(error))
+    inputs.release(region)
+    inputs.close()  # Triton refuses "in use" until the request lets go; close waits for that
+    deadline = time.monotonic() + 10
+    while not done and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert done == [None]
+    assert region.name not in _registered_shared_memory(triton_server.grpc_url)
+    assert not (Path("/dev/shm") / region.name).exists()
+    raw.close()
 
 
 def test_shared_memory_without_a_server_is_named(tensor_model):
