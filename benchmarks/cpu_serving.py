@@ -227,7 +227,7 @@ def benchmark_variant(variant: str, seconds: float, rounds: int, workdir: Path, 
     graphs = make_cpu_graphs(model, {runtime.graph for runtime in runtimes}, graph_dir, selection)
     # What `--runtime auto` measures at build time, with more time per candidate.
     measurements, foreign = load.measured_quietly(lambda: measure_candidates(
-        runtimes, graphs, evaluation, reference, floor=selection.floor, threads=settings.intra_op_threads,
+        runtimes, graphs, evaluation, reference, floor=selection.floor, threads=settings.threads_per_instance(),
         streams=settings.streams, batch_size=BATCH, seconds_per_candidate=seconds, rounds=rounds))
     for measured in measurements:
         record(measured.runtime, "in-process", BATCH, 1, measured.images_per_s or 0.0, foreign,
@@ -302,7 +302,7 @@ def print_table(rows: list[Row], choices: dict[str, tuple[str, str]], settings, 
     streams = settings.streams or "OpenVINO THROUGHPUT default"
     print(f"\n{os.cpu_count()} CPU cores; server and load generator share them. Each row: best of {rounds} rounds of "
           f"{seconds / rounds:.1f} s. Tensor models: {settings.instances} instance(s), threads "
-          f"{settings.intra_op_threads or 'runtime default'}, streams {streams}, dynamic batching (max queue delay "
+          f"{settings.threads_per_instance() or 'runtime default'}, streams {streams}, dynamic batching (max queue delay "
           f"{settings.max_queue_delay_us} us, preferred sizes {list(settings.preferred_batch_sizes) or 'none'}); "
           f"glibc malloc keeps large buffers ({KEEP_LARGE_BUFFERS}) in the load generator and the servers.")
 

@@ -72,7 +72,7 @@ def build_cpu_repository(
         graphs = make_cpu_graphs(model, {runtime.graph for runtime in candidates}, Path(scratch), selection)
         load = load_average_1min()
         measurements = measure_candidates(
-            candidates, graphs, evaluation, reference, floor=selection.floor, threads=settings.intra_op_threads,
+            candidates, graphs, evaluation, reference, floor=selection.floor, threads=settings.threads_per_instance(),
             streams=settings.streams, batch_size=selection.batch_size,
             # An explicit runtime is only checked for precision: timing it would choose nothing.
             seconds_per_candidate=selection.seconds_per_candidate if auto else 0.0,
@@ -87,7 +87,7 @@ def build_cpu_repository(
         shutil.copyfile(graphs[runtime.graph], repository / served / "1" / "model.onnx")
     choice = RuntimeChoice(
         runtime=chosen, precision=runtime.precision, reason=reason, floor=selection.floor, measurements=tuple(measurements),
-        cpu_capabilities=tuple(sorted(capabilities)), threads=settings.intra_op_threads, streams=settings.streams,
+        cpu_capabilities=tuple(sorted(capabilities)), threads=settings.threads_per_instance(), streams=settings.streams,
         load_average_1min=load,
     )
     write_runtime_choice(repository / served, choice)

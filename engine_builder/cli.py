@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repository", type=Path, default=Path("triton_repo"), help="output model repository (default: %(default)s)")
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "fp16", "int8"], help="models to build (default: fp32)")
     parser.add_argument("--instances", type=int, default=1, help="model instances per model (default: %(default)s)")
-    parser.add_argument("--intra-op-threads", type=int, help="runtime threads per CPU instance (default: the runtime's choice)")
+    parser.add_argument("--intra-op-threads", type=int, help="runtime threads per CPU instance (default: every core for one instance, the cores shared out between several)")
     parser.add_argument("--runtime", default="auto", choices=RUNTIME_CHOICES,
                         help="CPU runtime of the tensor model; auto: the fastest measured here within the floor (default: %(default)s)")
     parser.add_argument("--jit-plugins", action="store_true", help="JIT (Python/CuPy) plugins instead of AOT PTX; served by the python backend")

@@ -14,6 +14,7 @@ The python-backend sources are committed at the top of `triton_repo/` and copied
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 from collections.abc import Mapping
@@ -45,6 +46,7 @@ class CpuRepositorySettings:
     max_batch_size: int = 64
     instances: int = 1
     # Threads of each tensor-model instance: ONNX Runtime's intra-op threads, OpenVINO's INFERENCE_NUM_THREADS.
+    # None: see `threads_per_instance`.
     intra_op_threads: int | None = None
     # OpenVINO streams per instance: a batch is split over them and its parts run in parallel.
     # None: as many as OpenVINO's THROUGHPUT hint picks for this CPU (see CpuRuntime.config_parameters).
@@ -69,6 +71,15 @@ class CpuRepositorySettings:
             raise ValueError(f"preferred_batch_sizes must lie in 1..{self.max_batch_size}, got {self.preferred_batch_sizes}")
         if self.execution_env is None and sys.prefix != sys.base_prefix:
             self.execution_env = Path(sys.prefix)
+
+    def threads_per_instance(self) -> int | None:
+        """The threads each tensor-model instance runs: as given; else, for one instance, the runtime's
+        default (every core); for several, the cores shared out between them. Each instance is its own
+        process and would otherwise start a thread per core: two ONNX Runtime instances on 2 cores served
+        71 img/s that way against 84-92 with one thread each (osnet_x1_0)."""
+        if self.intra_op_threads is not None or self.instances == 1:
+            return self.intra_op_threads
+        return max(1, len(os.sched_getaffinity(0)) // self.instances)
 
 
 def tensor_model_name(variant: str, precision: str = "fp32") -> str:
@@ -164,7 +175,7 @@ def write_cpu_models(repository: Path, variant: str, settings: CpuRepositorySett
     earlier build is removed: the server would load it too. Returns the tensor model's name.
     """
     tensor_model = tensor_model_name(variant, runtime.precision)
-    parameters = runtime.config_parameters(settings.intra_op_threads, settings.streams)
+    parameters = runtime.config_parameters(settings.threads_per_instance(), settings.streams)
     write_model(repository, cpu_tensor_model_config(tensor_model, settings, parameters), runtime.python_source)
     write_ensemble(repository, tensor_model, settings)
     for precision in PRECISION_ORDER:

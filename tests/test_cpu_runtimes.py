@@ -6,6 +6,7 @@ osnet_x0_25 (the smallest variant) so the 2-core machine spends its time on plum
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
@@ -168,6 +169,18 @@ def test_a_new_choice_replaces_the_earlier_cpu_model_of_the_variant(tmp_path):
     write_cpu_models(tmp_path, VARIANT, CpuRepositorySettings(), RUNTIMES["openvino-int8"])
     assert not (tmp_path / "osnet_x0_25_fp32").exists() and (tmp_path / other).is_dir()
     assert served_tensor_model(tmp_path) == "osnet_x0_25_int8"
+
+
+def test_several_instances_share_the_cores_out_unless_threads_are_given(tmp_path):
+    cores = len(os.sched_getaffinity(0))
+    assert CpuRepositorySettings().threads_per_instance() is None  # one instance: the runtime's own default
+    assert CpuRepositorySettings(instances=2).threads_per_instance() == max(1, cores // 2)
+    assert CpuRepositorySettings(instances=4 * cores).threads_per_instance() == 1
+    assert CpuRepositorySettings(instances=2, intra_op_threads=3).threads_per_instance() == 3
+    name = write_cpu_models(tmp_path, VARIANT, CpuRepositorySettings(instances=2), RUNTIMES["onnxruntime-fp32"])
+    config = parse_config((tmp_path / name / "config.pbtxt").read_text())
+    assert config.parameters["INTRA_OP_THREADS"].string_value == str(max(1, cores // 2))
+    assert config.instance_group[0].count == 2
 
 
 @pytest.mark.parametrize("bad", [{"streams": 0}, {"preferred_batch_sizes": (0,)}, {"preferred_batch_sizes": (128,)}])
