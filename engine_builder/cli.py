@@ -50,6 +50,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from engine_builder.cpu_runtimes import RUNTIME_CHOICES
+    from engine_builder.triton_repository import building_venv
 
     parser = argparse.ArgumentParser(prog="osnet-build", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "fp16", "int8"], help="models to build (default: fp32)")
     parser.add_argument("--instances", type=int, default=1, help="model instances per model (default: %(default)s)")
     parser.add_argument("--intra-op-threads", type=int, help="runtime threads per CPU instance (default: every core for one instance, the cores shared out between several)")
+    parser.add_argument("--python-env", type=Path, default=building_venv(),
+                        help="the Python environment (a venv folder) the python-backend models run in on the serving "
+                             "machine (default: this venv, %(default)s)")
     parser.add_argument("--runtime", default="auto", choices=RUNTIME_CHOICES,
                         help="CPU runtime of the tensor model; auto: the fastest measured here within the floor (default: %(default)s)")
     parser.add_argument("--jit-plugins", action="store_true", help="JIT (Python/CuPy) plugins instead of AOT PTX; served by the python backend")
@@ -86,7 +90,8 @@ def run_build(args: argparse.Namespace) -> int:
     from engine_builder.triton_repository import CpuRepositorySettings, GpuRepositorySettings, write_tensorrt_models
 
     if "fp32" in args.precision:
-        settings = CpuRepositorySettings(max_batch_size=args.max_batch_size, instances=args.instances, intra_op_threads=args.intra_op_threads)
+        settings = CpuRepositorySettings(max_batch_size=args.max_batch_size, instances=args.instances,
+                                         intra_op_threads=args.intra_op_threads, execution_env=args.python_env)
         selection = RuntimeSelection(runtime=args.runtime, eval_dir=args.eval_dir, calib_dir=args.calib_dir)
         build_cpu_repository(args.variant, args.repository, args.weights, settings, selection)
     reduced = tuple(p for p in args.precision if p != "fp32")
@@ -108,7 +113,8 @@ def run_build(args: argparse.Namespace) -> int:
     plans = {precision: build_engine(graph, work_dir / f"{precision}.plan", engine_settings, plugins=True)
              for precision, graph in graphs.with_plugins.items()}
     served = write_tensorrt_models(args.repository, args.variant, plans,
-                                   GpuRepositorySettings(max_batch_size=args.max_batch_size, instances=args.instances),
+                                   GpuRepositorySettings(max_batch_size=args.max_batch_size, instances=args.instances,
+                                                         execution_env=args.python_env),
                                    jit_plugins=args.jit_plugins, report_dir=work_dir)
     print(f"engines in {args.repository}/; the `osnet` ensemble runs {served}")
     return 0

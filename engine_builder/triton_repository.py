@@ -18,7 +18,7 @@ import os
 import shutil
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -39,6 +39,11 @@ IMAGE_NAME = "IMAGE"
 DEFAULT_MAX_IMAGE_PIXELS = 16_000_000
 
 
+def building_venv() -> Path | None:
+    """The venv running this build, if it runs in one."""
+    return Path(sys.prefix) if sys.prefix != sys.base_prefix else None
+
+
 @dataclass(kw_only=True)
 class CpuRepositorySettings:
     """How the CPU models are served. `None` means: let the server or the runtime decide."""
@@ -55,8 +60,9 @@ class CpuRepositorySettings:
     # Batch sizes the tensor model's dynamic batcher aims for; empty: as large as the queue allows.
     preferred_batch_sizes: tuple[int, ...] = ()
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-    # The environment the python-backend stub runs in: by default the venv doing the build.
-    execution_env: Path | None = None
+    # The environment the python-backend stub runs in on the serving machine (EXECUTION_ENV_PATH):
+    # by default the venv doing the build; None outside a venv: the server's own Python.
+    execution_env: Path | None = field(default_factory=building_venv)
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -69,8 +75,6 @@ class CpuRepositorySettings:
             raise ValueError(f"streams must be >= 1, got {self.streams}")
         if any(size < 1 or size > self.max_batch_size for size in self.preferred_batch_sizes):
             raise ValueError(f"preferred_batch_sizes must lie in 1..{self.max_batch_size}, got {self.preferred_batch_sizes}")
-        if self.execution_env is None and sys.prefix != sys.base_prefix:
-            self.execution_env = Path(sys.prefix)
 
     def threads_per_instance(self) -> int | None:
         """The threads each tensor-model instance runs: as given; else, for one instance, the runtime's
@@ -200,6 +204,8 @@ class GpuRepositorySettings:
     instances: int = 1
     max_queue_delay_us: int = 100
     cuda_graphs: bool = True
+    # For the python-backend models of a GPU build: `preprocess`, and JIT-plugin engines.
+    execution_env: Path | None = field(default_factory=building_venv)
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.instances < 1:
@@ -217,15 +223,15 @@ def tensorrt_model_config(name: str, settings: GpuRepositorySettings) -> pb.Mode
     return config
 
 
-def tensorrt_jit_model_config(name: str, settings: GpuRepositorySettings, execution_env: Path | None) -> pb.ModelConfig:
+def tensorrt_jit_model_config(name: str, settings: GpuRepositorySettings) -> pb.ModelConfig:
     """A python-backend model that runs a JIT-plugin plan: those need our plugin module in-process."""
     config = pb.ModelConfig(name=name, backend="python", max_batch_size=settings.max_batch_size)
     config.input.add(name=INPUT_NAME, data_type=pb.TYPE_FP32, dims=[3, INPUT_HEIGHT, INPUT_WIDTH])
     _add_embedding_outputs(config)
     config.dynamic_batching.max_queue_delay_microseconds = settings.max_queue_delay_us
     config.instance_group.add(kind=pb.ModelInstanceGroup.KIND_GPU, count=settings.instances)
-    if execution_env is not None:
-        config.parameters["EXECUTION_ENV_PATH"].string_value = str(execution_env)
+    if settings.execution_env is not None:
+        config.parameters["EXECUTION_ENV_PATH"].string_value = str(settings.execution_env)
     return config
 
 
@@ -234,8 +240,7 @@ def write_tensorrt_model(
 ) -> Path:
     """Install `plan` as `<name>/1/model.plan` with its config (and the precision report beside it)."""
     if jit_plugins:
-        env = Path(sys.prefix) if sys.prefix != sys.base_prefix else None
-        version_dir = write_model(repository, tensorrt_jit_model_config(name, settings, env), "tensorrt_jit_embedder.py")
+        version_dir = write_model(repository, tensorrt_jit_model_config(name, settings), "tensorrt_jit_embedder.py")
     else:
         version_dir = write_model(repository, tensorrt_model_config(name, settings))
     shutil.copyfile(plan, version_dir / "model.plan")
@@ -257,5 +262,5 @@ def write_tensorrt_models(
     for precision, plan in plans.items():
         write_tensorrt_model(repository, tensorrt_model_name(variant, precision), plan, settings, jit_plugins, report_dir)
     served = tensorrt_model_name(variant, "int8" if "int8" in plans else "fp16")
-    write_ensemble(repository, served, CpuRepositorySettings(max_batch_size=settings.max_batch_size))
+    write_ensemble(repository, served, CpuRepositorySettings(max_batch_size=settings.max_batch_size, execution_env=settings.execution_env))
     return served

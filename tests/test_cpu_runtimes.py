@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -181,6 +182,17 @@ def test_several_instances_share_the_cores_out_unless_threads_are_given(tmp_path
     config = parse_config((tmp_path / name / "config.pbtxt").read_text())
     assert config.parameters["INTRA_OP_THREADS"].string_value == str(max(1, cores // 2))
     assert config.instance_group[0].count == 2
+
+
+def test_python_env_defaults_to_the_building_venv_and_can_name_the_serving_one(tmp_path):
+    import sys
+
+    assert build_parser().parse_args([]).python_env == (Path(sys.prefix) if sys.prefix != sys.base_prefix else None)
+    args = build_parser().parse_args(["--python-env", "/srv/osnet-venv"])
+    name = write_cpu_models(tmp_path, VARIANT, CpuRepositorySettings(execution_env=args.python_env), RUNTIMES["onnxruntime-fp32"])
+    for model in (name, "preprocess"):
+        config = parse_config((tmp_path / model / "config.pbtxt").read_text())
+        assert config.parameters["EXECUTION_ENV_PATH"].string_value == "/srv/osnet-venv"
 
 
 @pytest.mark.parametrize("bad", [{"streams": 0}, {"preferred_batch_sizes": (0,)}, {"preferred_batch_sizes": (128,)}])

@@ -3,6 +3,7 @@ and AOT launch arithmetic, the tensorrt_plan config, and the CLI's behaviour whe
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -98,8 +99,13 @@ def test_engines_sit_beside_the_cpu_model_and_the_ensemble_runs_int8(tmp_path):
     assert (tmp_path / cpu_model / "config.pbtxt").read_text() == cpu_config  # osnet_x1_0_int8, on the CPU, untouched
     ensemble = parse_config((tmp_path / "osnet" / "config.pbtxt").read_text())
     assert ensemble.max_batch_size == 32 and (tmp_path / "preprocess" / "1" / "model.py").is_file()
-    only_fp16 = write_tensorrt_models(tmp_path / "gpu_only", "osnet_x1_0", {"fp16": plans["fp16"]}, GpuRepositorySettings(), jit_plugins=True)
+    serving_env = Path("/opt/osnet-serving-venv")  # where the python backend finds its packages on the serving machine
+    only_fp16 = write_tensorrt_models(tmp_path / "gpu_only", "osnet_x1_0", {"fp16": plans["fp16"]},
+                                      GpuRepositorySettings(execution_env=serving_env), jit_plugins=True)
     assert only_fp16 == served_tensor_model(tmp_path / "gpu_only") == "osnet_x1_0_trt_fp16"
+    for model in (only_fp16, "preprocess"):
+        config = parse_config((tmp_path / "gpu_only" / model / "config.pbtxt").read_text())
+        assert config.parameters["EXECUTION_ENV_PATH"].string_value == str(serving_env)
     with pytest.raises(ValueError, match="fp16 and/or int8"):
         write_tensorrt_models(tmp_path, "osnet_x1_0", {"fp32": plans["fp16"]}, GpuRepositorySettings(), jit_plugins=False)
 
