@@ -67,11 +67,19 @@ def _describe_model_state(entry: dict) -> str:
     return f"{state} ({entry['reason']})" if entry.get("reason") and state != "READY" else state
 
 
+def _server_unavailable(exc: InferenceServerException, url: str) -> ServerUnavailableError | None:
+    status = exc.status() or ""
+    if "UNAVAILABLE" in status or "DEADLINE_EXCEEDED" in status:
+        return ServerUnavailableError(f"no Triton server reachable at {url} ({status}): is tritonserver running?")
+    return None
+
+
 def _translate(exc: InferenceServerException, url: str, model: str) -> ClientError:
     status = exc.status() or ""
     message = exc.message() or str(exc)
-    if "UNAVAILABLE" in status or "DEADLINE_EXCEEDED" in status:
-        return ServerUnavailableError(f"no Triton server reachable at {url} ({status}): is tritonserver running?")
+    unreachable = _server_unavailable(exc, url)
+    if unreachable is not None:
+        return unreachable
     if "NOT_FOUND" in status or "unknown model" in message or "is not found" in message:
         return ModelNotFoundError(f"server at {url} does not serve model {model!r}: {message}")
     if "INVALID_ARG" in status:
@@ -103,8 +111,9 @@ class _SharedMemoryInputs:
             self._client.register_system_shared_memory(name, f"/{name}", byte_size)
         except InferenceServerException as exc:
             system_shm.destroy_shared_memory_region(handle)
-            if "UNAVAILABLE" in (exc.status() or ""):
-                raise ServerUnavailableError(f"no Triton server reachable at {self._url}: is tritonserver running?") from None
+            unreachable = _server_unavailable(exc, self._url)
+            if unreachable is not None:
+                raise unreachable from None
             raise ClientError(
                 f"the server at {self._url} cannot map this client's shared memory ({exc.message()}): "
                 "shared memory needs the server on this host; use the default gRPC transport otherwise"
@@ -145,10 +154,8 @@ class _SharedMemoryInputs:
 
     def discard(self, region: _SharedMemoryRegion) -> None:
         """`region` is unknown to the server, so are the idle ones (it restarted): remove them all."""
-        with self._lock:
-            regions, self._free = [region, *self._free], []
-        for stale in regions:
-            self._destroy(stale)
+        self._destroy(region)
+        self.close()
 
     def close(self) -> None:
         """Unregister and remove the regions; call it once no request is in flight."""

@@ -68,11 +68,12 @@ def build_cpu_repository(
     evaluation = image_set(selection.eval_dir, selection.evaluation_images, EVALUATION_SEED)
     reference = pytorch_embeddings(model, evaluation)
     auto = selection.runtime == "auto"
+    threads = settings.threads_per_instance()  # what the served model will run with, measured with the same
     with tempfile.TemporaryDirectory(prefix="osnet_cpu_build_") as scratch:
         graphs = make_cpu_graphs(model, {runtime.graph for runtime in candidates}, Path(scratch), selection)
         load = load_average_1min()
         measurements = measure_candidates(
-            candidates, graphs, evaluation, reference, floor=selection.floor, threads=settings.threads_per_instance(),
+            candidates, graphs, evaluation, reference, floor=selection.floor, threads=threads,
             streams=settings.streams, batch_size=selection.batch_size,
             # An explicit runtime is only checked for precision: timing it would choose nothing.
             seconds_per_candidate=selection.seconds_per_candidate if auto else 0.0,
@@ -87,7 +88,7 @@ def build_cpu_repository(
         shutil.copyfile(graphs[runtime.graph], repository / served / "1" / "model.onnx")
     choice = RuntimeChoice(
         runtime=chosen, precision=runtime.precision, reason=reason, floor=selection.floor, measurements=tuple(measurements),
-        cpu_capabilities=tuple(sorted(capabilities)), threads=settings.threads_per_instance(), streams=settings.streams,
+        cpu_capabilities=tuple(sorted(capabilities)), threads=threads, streams=settings.streams,
         load_average_1min=load,
     )
     write_runtime_choice(repository / served, choice)

@@ -104,18 +104,28 @@ def parse_config(text: str) -> pb.ModelConfig:
     return text_format.Parse(text, pb.ModelConfig())
 
 
+def _set_execution_env(config: pb.ModelConfig, execution_env: Path | None) -> None:
+    if execution_env is not None:
+        config.parameters["EXECUTION_ENV_PATH"].string_value = str(execution_env)
+
+
 def _python_model_config(name: str, settings: CpuRepositorySettings) -> pb.ModelConfig:
     config = pb.ModelConfig(name=name, backend="python", max_batch_size=settings.max_batch_size)
     config.dynamic_batching.max_queue_delay_microseconds = settings.max_queue_delay_us
     config.instance_group.add(kind=pb.ModelInstanceGroup.KIND_CPU, count=settings.instances)
-    if settings.execution_env is not None:
-        config.parameters["EXECUTION_ENV_PATH"].string_value = str(settings.execution_env)
+    _set_execution_env(config, settings.execution_env)
     return config
 
 
 def _add_embedding_outputs(config: pb.ModelConfig) -> None:
     for name in (EMBEDDING_NAME, FEATURES_NAME):
         config.output.add(name=name, data_type=pb.TYPE_FP32, dims=[FEATURE_DIM])
+
+
+def _add_tensor_model_io(config: pb.ModelConfig) -> None:
+    """INPUT -> EMBEDDING, FEATURES: the same for every tensor model, so clients and the ensemble do not care which serves."""
+    config.input.add(name=INPUT_NAME, data_type=pb.TYPE_FP32, dims=[3, INPUT_HEIGHT, INPUT_WIDTH])
+    _add_embedding_outputs(config)
 
 
 def preprocess_config(settings: CpuRepositorySettings) -> pb.ModelConfig:
@@ -129,8 +139,7 @@ def preprocess_config(settings: CpuRepositorySettings) -> pb.ModelConfig:
 def cpu_tensor_model_config(name: str, settings: CpuRepositorySettings, parameters: Mapping[str, str]) -> pb.ModelConfig:
     """INPUT -> EMBEDDING, FEATURES on the CPU; `parameters` configure the runtime (see `CpuRuntime.config_parameters`)."""
     config = _python_model_config(name, settings)
-    config.input.add(name=INPUT_NAME, data_type=pb.TYPE_FP32, dims=[3, INPUT_HEIGHT, INPUT_WIDTH])
-    _add_embedding_outputs(config)
+    _add_tensor_model_io(config)
     config.dynamic_batching.preferred_batch_size.extend(settings.preferred_batch_sizes)
     for key, value in parameters.items():
         config.parameters[key].string_value = value
@@ -212,26 +221,25 @@ class GpuRepositorySettings:
             raise ValueError("max_batch_size and instances must be >= 1")
 
 
-def tensorrt_model_config(name: str, settings: GpuRepositorySettings) -> pb.ModelConfig:
-    """`tensorrt_plan` with the CPU model's I/O names, so clients and the ensemble do not care which serves."""
-    config = pb.ModelConfig(name=name, platform="tensorrt_plan", max_batch_size=settings.max_batch_size)
-    config.input.add(name=INPUT_NAME, data_type=pb.TYPE_FP32, dims=[3, INPUT_HEIGHT, INPUT_WIDTH])
-    _add_embedding_outputs(config)
+def _gpu_tensor_model_config(settings: GpuRepositorySettings, **name_and_kind: str) -> pb.ModelConfig:
+    config = pb.ModelConfig(max_batch_size=settings.max_batch_size, **name_and_kind)
+    _add_tensor_model_io(config)
     config.dynamic_batching.max_queue_delay_microseconds = settings.max_queue_delay_us
     config.instance_group.add(kind=pb.ModelInstanceGroup.KIND_GPU, count=settings.instances)
+    return config
+
+
+def tensorrt_model_config(name: str, settings: GpuRepositorySettings) -> pb.ModelConfig:
+    """`tensorrt_plan` with the CPU model's I/O names."""
+    config = _gpu_tensor_model_config(settings, name=name, platform="tensorrt_plan")
     config.optimization.cuda.graphs = settings.cuda_graphs
     return config
 
 
 def tensorrt_jit_model_config(name: str, settings: GpuRepositorySettings) -> pb.ModelConfig:
     """A python-backend model that runs a JIT-plugin plan: those need our plugin module in-process."""
-    config = pb.ModelConfig(name=name, backend="python", max_batch_size=settings.max_batch_size)
-    config.input.add(name=INPUT_NAME, data_type=pb.TYPE_FP32, dims=[3, INPUT_HEIGHT, INPUT_WIDTH])
-    _add_embedding_outputs(config)
-    config.dynamic_batching.max_queue_delay_microseconds = settings.max_queue_delay_us
-    config.instance_group.add(kind=pb.ModelInstanceGroup.KIND_GPU, count=settings.instances)
-    if settings.execution_env is not None:
-        config.parameters["EXECUTION_ENV_PATH"].string_value = str(settings.execution_env)
+    config = _gpu_tensor_model_config(settings, name=name, backend="python")
+    _set_execution_env(config, settings.execution_env)
     return config
 
 

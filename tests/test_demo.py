@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from client.demo import run_demo
 from engine_builder.reference_weights import REFERENCE_VARIANT, reference_weights
+from test_triton_server import processes_mentioning  # pytest puts tests/ on sys.path
 
 pytestmark = pytest.mark.server
 
@@ -25,16 +25,4 @@ def test_demo_reidentifies_unseen_people_and_load_tests_the_server(tmp_path, cap
     assert embeddings.shape == (8, 512)
     assert "server stopped" in printed
     # Other tests' servers may be running in this session; the demo's own must be gone.
-    assert not _processes_serving(tmp_path / "triton_repo")
-
-
-def _processes_serving(repository: Path) -> list[int]:
-    flag = f"--model-repository={repository.resolve()}".encode()
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if flag in cmdline.read_bytes().split(b"\0"):
-                found.append(int(cmdline.parent.name))
-        except OSError:  # exited meanwhile
-            continue
-    return found
+    assert not processes_mentioning(f"--model-repository={(tmp_path / 'triton_repo').resolve()}")
