@@ -13,7 +13,7 @@ $(INSTALLED): pyproject.toml constraints.txt
 	touch $@
 
 demo: $(INSTALLED)
-	$(PYTHON) -m client.demo
+	$(PYTHON) -m demo
 
 test: $(INSTALLED)
 	@if command -v nvcc >/dev/null; then $(PYTHON) -m kernels.compile_check; else echo "nvcc not found: kernel compile check skipped"; fi

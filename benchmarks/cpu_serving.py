@@ -174,7 +174,7 @@ def benchmark_variant(variant: str, seconds: float, rounds: int, workdir: Path, 
     import torch
 
     from client.embedding_client import EmbeddingClient
-    from client.triton_server import TritonServerConfig, TritonServerProcess
+    from osnet_base.triton_server import TritonServerConfig, TritonServerProcess
     from engine_builder.build import make_cpu_graphs, pytorch_embeddings
     from engine_builder.cpu_runtimes import (
         RuntimeSelection,
@@ -275,7 +275,7 @@ def benchmark_variant(variant: str, seconds: float, rounds: int, workdir: Path, 
 
 
 def print_table(rows: list[Row], choices: dict[str, tuple[str, str]], settings, seconds: float, rounds: int) -> None:
-    from client.triton_server import KEEP_LARGE_BUFFERS
+    from osnet_base.triton_server import KEEP_LARGE_BUFFERS
 
     best_in_process = {}
     for row in rows:
@@ -310,7 +310,7 @@ def print_table(rows: list[Row], choices: dict[str, tuple[str, str]], settings, 
 def keep_large_buffers() -> None:
     """What `KEEP_LARGE_BUFFERS` does for the servers, for the load generator (this process):
     without it each batch-32 request costs the client ~40 ms of CPU in page faults instead of ~10."""
-    from client.triton_server import MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES
+    from osnet_base.triton_server import MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES
 
     libc = ctypes.CDLL("libc.so.6")
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3

@@ -37,11 +37,12 @@ from torch import nn
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine_builder.models import INPUT_HEIGHT, INPUT_WIDTH, create_osnet  # noqa: E402
+from engine_builder.models import create_osnet  # noqa: E402
+from osnet_base.contract import INPUT_HEIGHT, INPUT_WIDTH  # noqa: E402
 from engine_builder.osnet import ChannelGate, LightConv3x3  # noqa: E402
 from kernels import launch  # noqa: E402
 from kernels.reference import fold_batchnorm  # noqa: E402
-from kernels.torch_integration import fuse_osnet  # noqa: E402
+from engine_builder.fused_osnet import fuse_osnet  # noqa: E402
 
 logger = logging.getLogger("benchmarks.gpu_kernels")
 

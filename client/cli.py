@@ -15,11 +15,11 @@ import logging
 import sys
 from pathlib import Path
 
-from engine_builder.errors import OsnetTritonError
+from osnet_base.errors import OsnetTritonError
 
 
 def add_endpoint_arguments(parser: argparse.ArgumentParser) -> None:
-    from client.embedding_client import DEFAULT_URL, ENSEMBLE_MODEL
+    from osnet_base.contract import DEFAULT_URL, ENSEMBLE_MODEL
 
     parser.add_argument("--url", default=DEFAULT_URL, help="Triton gRPC endpoint (default: %(default)s)")
     parser.add_argument("--model", default=ENSEMBLE_MODEL, help="image-input model (default: %(default)s)")
@@ -115,8 +115,8 @@ def run_compare(client, args: argparse.Namespace) -> int:
 
 def run_evaluate(client, args: argparse.Namespace) -> int:
     from client.embedding_client import cosine_similarity
-    from client.evaluation import chance_level, evaluate_retrieval, format_metrics_table
-    from client.market1501 import DISTRACTOR_PID, GALLERY_DIR, JUNK_PID, QUERY_DIR, read_market_split
+    from reid.evaluation import chance_level, evaluate_retrieval, format_metrics_table
+    from reid.market1501 import DISTRACTOR_PID, GALLERY_DIR, JUNK_PID, QUERY_DIR, read_market_split
     from client.progress import ProgressLine, embed_with_progress
 
     query, gallery = read_market_split(args.data, QUERY_DIR), read_market_split(args.data, GALLERY_DIR)

@@ -25,12 +25,11 @@ import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as system_shm
 from tritonclient.utils import InferenceServerException
 
-from engine_builder.errors import OsnetTritonError
+from osnet_base.contract import DEFAULT_URL, EMBEDDING_NAME, ENSEMBLE_MODEL, IMAGE_NAME, INPUT_NAME
+from osnet_base.errors import OsnetTritonError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_URL = "127.0.0.1:8001"
-ENSEMBLE_MODEL = "osnet"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 # Triton's words for a region it does not know, and for one a request still holds.
 UNKNOWN_REGION_MESSAGE = "Unable to find shared memory region"
@@ -191,21 +190,21 @@ class EmbeddingClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def embed_images(self, images: Sequence[bytes], output: str = "EMBEDDING") -> np.ndarray:
+    def embed_images(self, images: Sequence[bytes], output: str = EMBEDDING_NAME) -> np.ndarray:
         """Embed encoded JPEG/PNG images in one request: [N, 512] FP32."""
         if len(images) == 0:
             raise InvalidInputError("empty batch: pass at least one image")
         encoded = np.array([[image] for image in images], dtype=np.object_)
-        request = grpcclient.InferInput("IMAGE", list(encoded.shape), "BYTES")
+        request = grpcclient.InferInput(IMAGE_NAME, list(encoded.shape), "BYTES")
         request.set_data_from_numpy(encoded)
         return self._infer(self.model, request, output)
 
-    def embed_tensors(self, tensors: np.ndarray, model: str, output: str = "EMBEDDING") -> np.ndarray:
+    def embed_tensors(self, tensors: np.ndarray, model: str, output: str = EMBEDDING_NAME) -> np.ndarray:
         """Embed preprocessed images [N, 3, 256, 128] FP32 with a tensor model such as `osnet_x1_0_fp32`."""
         if tensors.ndim != 4 or len(tensors) == 0:
             raise InvalidInputError(f"expected a non-empty batch [N, 3, 256, 128], got shape {tensors.shape}")
         tensors = np.ascontiguousarray(tensors, dtype=np.float32)
-        request = grpcclient.InferInput("INPUT", list(tensors.shape), "FP32")
+        request = grpcclient.InferInput(INPUT_NAME, list(tensors.shape), "FP32")
         if self._shared_inputs is None:
             request.set_data_from_numpy(tensors)
             return self._infer(model, request, output)

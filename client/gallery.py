@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from client.embedding_client import EmbeddingClient
-from client.market1501 import parse_market_name
+from reid.market1501 import parse_market_name
 from client.progress import ProgressCallback, embed_with_progress
-from engine_builder.errors import OsnetTritonError
+from osnet_base.errors import OsnetTritonError
 
 logger = logging.getLogger(__name__)
 

@@ -27,8 +27,9 @@ from engine_builder.cpu_runtimes import (
     resolve_candidates,
     write_runtime_choice,
 )
-from engine_builder.errors import ExportMismatchError
-from engine_builder.export import EMBEDDING_NAME, export_onnx
+from osnet_base.errors import ExportMismatchError
+from engine_builder.export import export_onnx
+from osnet_base.contract import EMBEDDING_NAME
 from engine_builder.image_sets import CALIBRATION_SEED, EVALUATION_SEED, image_set
 from engine_builder.models import create_osnet
 from engine_builder.precision import PrecisionFloor

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from engine_builder.build import PrecisionGraphs
-from engine_builder.export import EMBEDDING_NAME
+from osnet_base.contract import EMBEDDING_NAME
 from engine_builder.image_sets import EVALUATION_SEED, image_set
 from engine_builder.tensorrt_build import EngineBuildSettings, EngineRunner, build_engine
 

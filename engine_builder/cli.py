@@ -19,7 +19,8 @@ import logging
 import sys
 from pathlib import Path
 
-from engine_builder.errors import OsnetTritonError
+from osnet_base.contract import DEFAULT_MAX_BATCH_SIZE, DEFAULT_RUNTIME
+from osnet_base.errors import OsnetTritonError
 
 
 def parse_floor(text: str):
@@ -40,7 +41,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variant", default=REFERENCE_VARIANT, choices=sorted(VARIANTS), help="OSNet variant (default: %(default)s)")
     parser.add_argument("--weights", type=Path, help=f"torchreid checkpoint (.pth state_dict or .pth.tar); default: the reference "
                         f"checkpoint for {REFERENCE_VARIANT} (weights/), seeded random weights for other variants")
-    parser.add_argument("--max-batch-size", type=int, default=64, help="Triton max_batch_size and engine profile max (default: %(default)s)")
+    parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE, help="Triton max_batch_size and engine profile max (default: %(default)s)")
     parser.add_argument("--work-dir", type=Path, help="where precision graphs, reports and plans go (default: build/<variant>)")
     parser.add_argument("--calib-dir", type=Path, help="INT8 calibration images (default: generated people)")
     parser.add_argument("--eval-dir", type=Path, help="held-out images for the precision report (default: generated people)")
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--python-env", type=Path, default=building_venv(),
                         help="the Python environment (a venv folder) the python-backend models run in on the serving "
                              "machine (default: this venv, %(default)s)")
-    parser.add_argument("--runtime", default="auto", choices=RUNTIME_CHOICES,
+    parser.add_argument("--runtime", default=DEFAULT_RUNTIME, choices=RUNTIME_CHOICES,
                         help="CPU runtime of the tensor model; auto: the fastest measured here within the floor (default: %(default)s)")
     parser.add_argument("--jit-plugins", action="store_true", help="JIT (Python/CuPy) plugins instead of AOT PTX; served by the python backend")
     parser.add_argument("--floor", type=parse_floor, action="append", default=[], metavar="P=MEAN,MIN,TOP1",

@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from engine_builder.errors import OsnetTritonError
-from engine_builder.export import EMBEDDING_NAME, INPUT_NAME
+from osnet_base.errors import OsnetTritonError
+from osnet_base.contract import EMBEDDING_NAME, INPUT_NAME
 from engine_builder.precision import PrecisionFloor, compare_with_fp32
 
 logger = logging.getLogger(__name__)

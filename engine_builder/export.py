@@ -20,14 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine_builder.errors import ExportMismatchError
-from engine_builder.models import INPUT_HEIGHT, INPUT_WIDTH
+from osnet_base.errors import ExportMismatchError
+from osnet_base.contract import EMBEDDING_NAME, FEATURES_NAME, INPUT_HEIGHT, INPUT_NAME, INPUT_WIDTH
 
 logger = logging.getLogger(__name__)
 
-INPUT_NAME = "INPUT"
-FEATURES_NAME = "FEATURES"
-EMBEDDING_NAME = "EMBEDDING"
 OPSET_VERSION = 17
 VERIFY_BATCH_SIZES = (1, 7, 32)
 VERIFY_MAX_ABS_ERROR = 1e-4

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine_builder.errors import OsnetTritonError
+from osnet_base.errors import OsnetTritonError
 from engine_builder.preprocessing import preprocess_encoded
 from engine_builder.synthetic_people import person_jpegs
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine_builder.errors import CheckpointMismatchError, UnknownVariantError
+from osnet_base.contract import FEATURE_DIM, INPUT_HEIGHT, INPUT_WIDTH
+from osnet_base.errors import CheckpointMismatchError, UnknownVariantError
 from engine_builder.osnet import OSNet
 from engine_builder.osnet_ain import OSNetAIN
 
@@ -32,10 +33,6 @@ VARIANTS: dict[str, Callable[[], nn.Module]] = {
     "osnet_ibn_x1_0": partial(OSNet, OSNET_CHANNELS["x1_0"], instance_norm=True),
     **{f"osnet_ain_{width}": partial(OSNetAIN, channels) for width, channels in OSNET_CHANNELS.items()},
 }
-
-INPUT_HEIGHT, INPUT_WIDTH = 256, 128
-FEATURE_DIM = 512
-
 
 def create_osnet(name: str, weights: str | Path | None = None, seed: int = 0) -> nn.Module:
     """Build variant `name` in eval mode, with torchreid `weights` or, without them, seeded random ones."""

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from engine_builder.errors import OsnetTritonError
-from engine_builder.export import EMBEDDING_NAME, INPUT_NAME
+from osnet_base.errors import OsnetTritonError
+from osnet_base.contract import EMBEDDING_NAME, INPUT_NAME
 
 logger = logging.getLogger(__name__)
 

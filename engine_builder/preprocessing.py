@@ -13,10 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine_builder.models import INPUT_HEIGHT, INPUT_WIDTH
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from osnet_base.contract import IMAGENET_MEAN, IMAGENET_STD, INPUT_HEIGHT, INPUT_WIDTH
 
 
 def resize_image(image: Image.Image) -> torch.Tensor:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from engine_builder.errors import OsnetTritonError
+from osnet_base.errors import OsnetTritonError
 from engine_builder.synthetic_market import SyntheticMarketSettings
 
 REFERENCE_VARIANT = "osnet_x0_25"

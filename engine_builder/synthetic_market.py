@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from client.market1501 import DISTRACTOR_PID, GALLERY_DIR, JUNK_PID, QUERY_DIR, SPLITS, TRAIN_DIR, MarketName
-from engine_builder.errors import OsnetTritonError
+from reid.market1501 import DISTRACTOR_PID, GALLERY_DIR, JUNK_PID, QUERY_DIR, SPLITS, TRAIN_DIR, MarketName
+from osnet_base.errors import OsnetTritonError
 from engine_builder.synthetic_people import (
     CROP_HEIGHT,
     CROP_WIDTH,

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine_builder.errors import OsnetTritonError
-from engine_builder.export import EMBEDDING_NAME, FEATURES_NAME, INPUT_NAME
-from engine_builder.models import INPUT_HEIGHT, INPUT_WIDTH
+from osnet_base.contract import DEFAULT_MAX_BATCH_SIZE, EMBEDDING_NAME, FEATURES_NAME, INPUT_HEIGHT, INPUT_NAME, INPUT_WIDTH
+from osnet_base.errors import OsnetTritonError
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +48,7 @@ def tensorrt_unavailable_reason() -> str | None:
 
 @dataclass(kw_only=True)
 class EngineBuildSettings:
-    max_batch_size: int = 64
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     opt_batch_size: int = 32
     workspace_bytes: int = 4 << 30
     timing_cache: Path | None = None

@@ -32,10 +32,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from client.evaluation import RetrievalMetrics, chance_level, evaluate_retrieval
-from client.market1501 import GALLERY_DIR, JUNK_PID, QUERY_DIR, TRAIN_DIR, MarketSplit, read_market_split
-from engine_builder.errors import OsnetTritonError
-from engine_builder.models import INPUT_HEIGHT, INPUT_WIDTH, VARIANTS, create_osnet
+from reid.evaluation import RetrievalMetrics, chance_level, evaluate_retrieval
+from reid.market1501 import GALLERY_DIR, JUNK_PID, QUERY_DIR, TRAIN_DIR, MarketSplit, read_market_split
+from osnet_base.errors import OsnetTritonError
+from engine_builder.models import VARIANTS, create_osnet
+from osnet_base.contract import INPUT_HEIGHT, INPUT_WIDTH
 from engine_builder.preprocessing import normalize_images, resize_image
 from engine_builder.synthetic_market import METADATA_FILE
 

@@ -25,16 +25,25 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 from engine_builder.cpu_runtimes import PRECISION_ORDER, CpuRuntime
-from engine_builder.export import EMBEDDING_NAME, FEATURES_NAME, INPUT_NAME
-from engine_builder.models import FEATURE_DIM, INPUT_HEIGHT, INPUT_WIDTH
+from osnet_base import contract
+from osnet_base.contract import (
+    DEFAULT_MAX_BATCH_SIZE,
+    EMBEDDING_NAME,
+    ENSEMBLE_MODEL,
+    FEATURE_DIM,
+    FEATURES_NAME,
+    IMAGE_NAME,
+    INPUT_HEIGHT,
+    INPUT_NAME,
+    INPUT_WIDTH,
+    PREPROCESS_MODEL,
+)
 
 logger = logging.getLogger(__name__)
 
 PYTHON_MODEL_SOURCES = Path(__file__).resolve().parent.parent / "triton_repo"
-PYTHON_HELPER_MODULES = ("batched_responses.py",)
-PREPROCESS_MODEL = "preprocess"
-ENSEMBLE_MODEL = "osnet"
-IMAGE_NAME = "IMAGE"
+# Modules every python-backend model finds beside its model.py (the stub puts that folder on sys.path).
+PYTHON_HELPER_MODULES = (PYTHON_MODEL_SOURCES / "batched_responses.py", Path(contract.__file__))
 # A 4K frame is 8.3 MP; anything far larger sent as a person crop is a mistake or an attack.
 DEFAULT_MAX_IMAGE_PIXELS = 16_000_000
 
@@ -48,7 +57,7 @@ def building_venv() -> Path | None:
 class CpuRepositorySettings:
     """How the CPU models are served. `None` means: let the server or the runtime decide."""
 
-    max_batch_size: int = 64
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     instances: int = 1
     # Threads of each tensor-model instance: ONNX Runtime's intra-op threads, OpenVINO's INFERENCE_NUM_THREADS.
     # None: see `threads_per_instance`.
@@ -166,11 +175,10 @@ def write_model(repository: Path, config: pb.ModelConfig, python_source: str | N
     version_dir = repository / config.name / "1"
     version_dir.mkdir(parents=True, exist_ok=True)
     if python_source is not None:
-        for source, target in [(python_source, "model.py"), *((helper, helper) for helper in PYTHON_HELPER_MODULES)]:
-            if not (PYTHON_MODEL_SOURCES / source).is_file():
-                raise FileNotFoundError(f"python-backend source {PYTHON_MODEL_SOURCES / source} is missing: "
-                                        "is this a checkout of osnet-triton?")
-            shutil.copyfile(PYTHON_MODEL_SOURCES / source, version_dir / target)
+        for source, target in [(PYTHON_MODEL_SOURCES / python_source, "model.py"), *((helper, helper.name) for helper in PYTHON_HELPER_MODULES)]:
+            if not source.is_file():
+                raise FileNotFoundError(f"python-backend source {source} is missing: is this a checkout of osnet-triton?")
+            shutil.copyfile(source, version_dir / target)
     (repository / config.name / "config.pbtxt").write_text(render_config(config))
     logger.info("wrote model %s into %s", config.name, repository)
     return version_dir
@@ -209,7 +217,7 @@ def served_tensor_model(repository: Path) -> str:
 class GpuRepositorySettings:
     """How the TensorRT models are served."""
 
-    max_batch_size: int = 64
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     instances: int = 1
     max_queue_delay_us: int = 100
     cuda_graphs: bool = True

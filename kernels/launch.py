@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from engine_builder.errors import OsnetTritonError
+from osnet_base.errors import OsnetTritonError
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from engine_builder.errors import OsnetTritonError
+from osnet_base.contract import DEFAULT_URL
+from osnet_base.errors import OsnetTritonError
 
 DEFAULT_OUTPUT_ROOT = Path("loadtest_output")
 
@@ -35,7 +36,7 @@ def _user_counts(text: str) -> list[int]:
 
 def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("target")
-    group.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC host:port (default: %(default)s)")
+    group.add_argument("--url", default=DEFAULT_URL, help="Triton gRPC host:port (default: %(default)s)")
     group.add_argument("--scenario", choices=["ensemble", "tensor"], default="ensemble",
                        help="ensemble: JPEG bytes to the `osnet` ensemble; tensor: preprocessed tensors to the tensor model (default: %(default)s)")  # fmt: skip
     group.add_argument("--model", help="model to call (default: osnet for ensemble; the one served tensor model for tensor)")

@@ -31,8 +31,8 @@ from locust.runners import MasterRunner, WorkerRunner  # noqa: E402
 from locust.stats import CSV_STATS_INTERVAL_SEC  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
+from osnet_base.contract import DEFAULT_URL, EMBEDDING_NAME  # noqa: E402
 from loadtest.workload import (  # noqa: E402
-    EMBEDDING_OUTPUT,
     SCENARIOS,
     ResponseCheckError,
     TritonCallError,
@@ -44,7 +44,6 @@ from loadtest.workload import (  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_HOST = "127.0.0.1:8001"
 # After a failed call a user pauses briefly: against a dead server, gRPC fails in microseconds and a
 # closed loop would spin the generator's CPU (shared with the server) and flood the stats.
 FAILURE_PAUSE_S = 0.1
@@ -73,7 +72,7 @@ class PreparedRequests:
             request_input = grpcclient.InferInput(workload.input_name, list(batch.shape), workload.datatype)
             request_input.set_data_from_numpy(batch)
             self.inputs.append(request_input)
-        self.outputs = [grpcclient.InferRequestedOutput(EMBEDDING_OUTPUT)]
+        self.outputs = [grpcclient.InferRequestedOutput(EMBEDDING_NAME)]
 
 
 _prepared: dict[tuple, PreparedRequests] = {}
@@ -100,7 +99,7 @@ def prepared_requests(options) -> PreparedRequests:
 class TritonGrpcUser(User):
     """One closed-loop gRPC client of Triton."""
 
-    host = DEFAULT_HOST  # loopback unless --host names another server
+    host = DEFAULT_URL  # loopback unless --host names another server
 
     def wait_time(self) -> float:
         return self._pause_s
@@ -135,7 +134,7 @@ class TritonGrpcUser(User):
         # The latency is the call as a client sees it; checking the answer is the generator's own work.
         elapsed_ms = (time.perf_counter() - start) * 1000.0
         if result is not None:
-            embedding = result.as_numpy(EMBEDDING_OUTPUT)
+            embedding = result.as_numpy(EMBEDDING_NAME)
             try:
                 check_embedding(embedding, requests.workload.batch_size)
                 response_length = embedding.nbytes

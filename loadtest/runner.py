@@ -22,7 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from engine_builder.errors import OsnetTritonError
+from osnet_base.contract import DEFAULT_URL
+from osnet_base.errors import OsnetTritonError
 from loadtest.report import (
     LoadTestSummary,
     find_knee,
@@ -50,7 +51,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_URL = "127.0.0.1:8001"
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 PROJECT_ROOT = LOCUSTFILE.parent.parent
 CSV_PREFIX = "locust"
@@ -170,7 +170,7 @@ def _log_tail(path: Path, lines: int = 30) -> str:
 
 
 def _find_port() -> int:
-    from client.triton_server import find_free_port
+    from osnet_base.triton_server import find_free_port
 
     return find_free_port()
 
@@ -184,7 +184,8 @@ def resolve_target(settings: LoadTestSettings) -> str:
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
-    from loadtest.workload import EMBEDDING_OUTPUT, ResponseCheckError, build_workload, check_embedding
+    from osnet_base.contract import EMBEDDING_NAME
+    from loadtest.workload import ResponseCheckError, build_workload, check_embedding
 
     client = grpcclient.InferenceServerClient(settings.url)
     try:
@@ -198,10 +199,10 @@ def resolve_target(settings: LoadTestSettings) -> str:
         request_input = grpcclient.InferInput(workload.input_name, list(workload.batches[0].shape), workload.datatype)
         request_input.set_data_from_numpy(workload.batches[0])
         result = client.infer(
-            model, [request_input], outputs=[grpcclient.InferRequestedOutput(EMBEDDING_OUTPUT)],
+            model, [request_input], outputs=[grpcclient.InferRequestedOutput(EMBEDDING_NAME)],
             client_timeout=settings.request_timeout_s,
         )
-        check_embedding(result.as_numpy(EMBEDDING_OUTPUT), settings.batch_size)
+        check_embedding(result.as_numpy(EMBEDDING_NAME), settings.batch_size)
     except InferenceServerException as exc:
         raise LoadTestError(f"{settings.scenario} request to {settings.url} failed before the load test: {exc.message() or exc}") from None
     except ResponseCheckError as exc:
@@ -213,16 +214,16 @@ def resolve_target(settings: LoadTestSettings) -> str:
 
 def _find_tensor_model(client, url: str) -> str:
     """The one ready model taking a single preprocessed INPUT [N,3,256,128] FP32 tensor."""
-    from loadtest.workload import INPUT_HEIGHT, INPUT_WIDTH
+    from osnet_base.contract import INPUT_CHANNELS, INPUT_HEIGHT, INPUT_NAME, INPUT_WIDTH
 
     found = []
     for entry in client.get_model_repository_index(as_json=True).get("models", []):
         if entry.get("state") != "READY":
             continue
         inputs = client.get_model_metadata(entry["name"], as_json=True).get("inputs", [])
-        if len(inputs) == 1 and inputs[0]["name"] == "INPUT" and inputs[0]["datatype"] == "FP32" and [
+        if len(inputs) == 1 and inputs[0]["name"] == INPUT_NAME and inputs[0]["datatype"] == "FP32" and [
             int(d) for d in inputs[0]["shape"][1:]
-        ] == [3, INPUT_HEIGHT, INPUT_WIDTH]:
+        ] == [INPUT_CHANNELS, INPUT_HEIGHT, INPUT_WIDTH]:
             found.append(entry["name"])
     if len(found) != 1:
         what = f"several ({', '.join(found)})" if found else "none"

@@ -17,17 +17,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine_builder.errors import OsnetTritonError
+from osnet_base.contract import (
+    EMBEDDING_NAME,
+    ENSEMBLE_MODEL,
+    FEATURE_DIM,
+    IMAGE_NAME,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    INPUT_HEIGHT,
+    INPUT_NAME,
+    INPUT_WIDTH,
+)
+from osnet_base.errors import OsnetTritonError
 
 SCENARIOS = ("ensemble", "tensor")
-ENSEMBLE_MODEL = "osnet"
-EMBEDDING_OUTPUT = "EMBEDDING"
-# Fixed by the design card (OSNet's 512-d feature, 256x128 input); not imported from
-# engine_builder.models because that module imports torch, which every generator process would pay for.
-EMBEDDING_DIM = 512
-INPUT_HEIGHT, INPUT_WIDTH = 256, 128
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(3, 1, 1)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32).reshape(3, 1, 1)
+IMAGENET_MEAN_CHW = np.array(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
+IMAGENET_STD_CHW = np.array(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
 # The server normalises in FP32; 1e-3 leaves room for its rounding and catches any real mistake.
 NORM_TOLERANCE = 1e-3
 
@@ -74,7 +79,7 @@ def preprocess_jpeg(encoded: bytes) -> np.ndarray:
 
     image = Image.open(io.BytesIO(encoded)).convert("RGB").resize((INPUT_WIDTH, INPUT_HEIGHT), Image.BILINEAR)
     chw = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
-    return (chw - IMAGENET_MEAN) / IMAGENET_STD
+    return (chw - IMAGENET_MEAN_CHW) / IMAGENET_STD_CHW
 
 
 def build_workload(*, scenario: str, model: str, batch_size: int, image_pool: int, seed: int = 0) -> Workload:
@@ -92,10 +97,10 @@ def build_workload(*, scenario: str, model: str, batch_size: int, image_pool: in
     jpegs = person_jpegs(count, cameras=4, seed=seed)
     if scenario == "ensemble":
         items = np.array([[jpeg] for jpeg in jpegs], dtype=np.object_)
-        input_name, datatype = "IMAGE", "BYTES"
+        input_name, datatype = IMAGE_NAME, "BYTES"
     else:
         items = np.stack([preprocess_jpeg(jpeg) for jpeg in jpegs])
-        input_name, datatype = "INPUT", "FP32"
+        input_name, datatype = INPUT_NAME, "FP32"
     batches = tuple(items[start : start + batch_size] for start in range(0, count, batch_size))
     return Workload(
         scenario=scenario, model=model, input_name=input_name, datatype=datatype, batch_size=batch_size, batches=batches
@@ -108,12 +113,12 @@ def check_embedding(embedding: np.ndarray | None, batch_size: int) -> None:
     Messages carry no per-request numbers, so locust groups equal failures into one row.
     """
     if embedding is None:
-        raise ResponseCheckError(f"response has no {EMBEDDING_OUTPUT} output")
-    expected = (batch_size, EMBEDDING_DIM)
+        raise ResponseCheckError(f"response has no {EMBEDDING_NAME} output")
+    expected = (batch_size, FEATURE_DIM)
     if embedding.shape != expected:
-        raise ResponseCheckError(f"{EMBEDDING_OUTPUT} has shape {list(embedding.shape)}, expected {list(expected)}")
+        raise ResponseCheckError(f"{EMBEDDING_NAME} has shape {list(embedding.shape)}, expected {list(expected)}")
     if not np.isfinite(embedding).all():
-        raise ResponseCheckError(f"{EMBEDDING_OUTPUT} holds NaN or Inf")
+        raise ResponseCheckError(f"{EMBEDDING_NAME} holds NaN or Inf")
     norms = np.linalg.norm(embedding.astype(np.float64), axis=1)
     if np.abs(norms - 1.0).max() > NORM_TOLERANCE:
-        raise ResponseCheckError(f"{EMBEDDING_OUTPUT} rows are not unit-norm (tolerance {NORM_TOLERANCE})")
+        raise ResponseCheckError(f"{EMBEDDING_NAME} rows are not unit-norm (tolerance {NORM_TOLERANCE})")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from client.triton_server import TritonServerConfig, TritonServerProcess
+from osnet_base.triton_server import TritonServerConfig, TritonServerProcess
 from engine_builder.reference_weights import REFERENCE_VARIANT, reference_weights
 
 SERVED_VARIANT = REFERENCE_VARIANT

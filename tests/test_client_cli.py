@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from client.cli import main
-from client.triton_server import find_free_port
+from osnet_base.triton_server import find_free_port
 from engine_builder.synthetic_people import encode_jpeg, render_person
 
 pytestmark = pytest.mark.server

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from client.embedding_client import EmbeddingClient
-from client.triton_server import TritonServerConfig, TritonServerProcess
+from osnet_base.triton_server import TritonServerConfig, TritonServerProcess
 from engine_builder.cli import build_parser
 from engine_builder.cpu_runtimes import (
     BASELINE_RUNTIME,

@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from client.demo import run_demo
+from demo import run_demo
 from engine_builder.reference_weights import REFERENCE_VARIANT, reference_weights
 from test_triton_server import processes_mentioning  # pytest puts tests/ on sys.path
 

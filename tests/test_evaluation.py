@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
-from client.evaluation import chance_level, evaluate_retrieval, format_metrics_table
+from reid.evaluation import chance_level, evaluate_retrieval, format_metrics_table
 
 # One query: identity 1 seen by camera 1. The gallery, listed by decreasing similarity:
 #   A: identity 1, camera 1   same identity and camera as the query: excluded

@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from engine_builder.errors import ExportMismatchError
+from osnet_base.errors import ExportMismatchError
 from engine_builder.export import EmbeddingModel, export_onnx, verify_onnx_against_torch
 from engine_builder.models import create_osnet
 

@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
 from engine_builder.models import create_osnet  # noqa: E402  (after the skips: nothing to import on CPU)
 from engine_builder.osnet import ChannelGate, LightConv3x3  # noqa: E402
 from kernels import launch, reference, sanitize_run  # noqa: E402
-from kernels.torch_integration import CudaFusedOps, FusedLiteConv, fuse_osnet  # noqa: E402
+from engine_builder.fused_osnet import CudaFusedOps, FusedLiteConv, fuse_osnet  # noqa: E402
 
 DEVICE = torch.device("cuda")
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}

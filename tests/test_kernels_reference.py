@@ -16,7 +16,7 @@ import torch
 from engine_builder.models import create_osnet
 from engine_builder.osnet import ChannelGate, LightConv3x3
 from kernels import launch, reference
-from kernels.torch_integration import FusedOSBlock, FusionError, fuse_osnet
+from engine_builder.fused_osnet import FusedOSBlock, FusionError, fuse_osnet
 
 FP32_TOLERANCE = 1e-5
 FP16_TOLERANCE = 2e-3

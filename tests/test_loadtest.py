@@ -17,7 +17,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from client.triton_server import TritonServerConfig, TritonServerProcess, find_free_port
+from osnet_base.triton_server import TritonServerConfig, TritonServerProcess, find_free_port
 from loadtest.cli import main as loadtest_main
 from loadtest.report import LoadTestSummary, find_knee, read_run_record, sweep_table
 from loadtest.runner import (

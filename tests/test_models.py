@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 
-from engine_builder.errors import CheckpointMismatchError, UnknownVariantError
+from osnet_base.errors import CheckpointMismatchError, UnknownVariantError
 from engine_builder.models import VARIANTS, count_parameters, create_osnet
 
 

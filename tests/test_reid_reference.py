@@ -9,7 +9,7 @@ import torch
 
 from client.cli import main
 from client.gallery import GalleryIndex
-from client.market1501 import GALLERY_DIR, QUERY_DIR
+from reid.market1501 import GALLERY_DIR, QUERY_DIR
 from engine_builder.models import create_osnet
 from engine_builder.reference_weights import REFERENCE_METRICS, REFERENCE_VARIANT, REFERENCE_WEIGHTS, held_out_dataset
 from engine_builder.synthetic_market import generate_synthetic_market

@@ -24,7 +24,7 @@ from client.embedding_client import (
     ServerUnavailableError,
     _SharedMemoryInputs,
 )
-from client.triton_server import find_free_port
+from osnet_base.triton_server import find_free_port
 from engine_builder.preprocessing import preprocess_encoded
 from engine_builder.synthetic_people import encode_jpeg, person_jpegs, render_person
 

@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from client.market1501 import GALLERY_DIR, QUERY_DIR, SPLITS, TRAIN_DIR, MarketName, parse_market_name, read_market_split
-from engine_builder.errors import OsnetTritonError
+from reid.market1501 import GALLERY_DIR, QUERY_DIR, SPLITS, TRAIN_DIR, MarketName, parse_market_name, read_market_split
+from osnet_base.errors import OsnetTritonError
 from engine_builder.synthetic_market import METADATA_FILE, SyntheticMarketSettings, generate_synthetic_market
 from engine_builder.synthetic_people import render_person
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from client.embedding_client import EmbeddingClient
-from client.triton_server import KEEP_LARGE_BUFFERS, SHM_DIR, TritonServerConfig, TritonServerError, TritonServerProcess, find_free_port
+from osnet_base.triton_server import KEEP_LARGE_BUFFERS, SHM_DIR, TritonServerConfig, TritonServerError, TritonServerProcess, find_free_port
 
 pytestmark = pytest.mark.server
 

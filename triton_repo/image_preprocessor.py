@@ -12,10 +12,11 @@ import json
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from contract import IMAGE_NAME, IMAGENET_MEAN, IMAGENET_STD, INPUT_NAME
 from PIL import Image, UnidentifiedImageError
 
-MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(3, 1, 1)
-STD = np.array([0.229, 0.224, 0.225], dtype=np.float32).reshape(3, 1, 1)
+MEAN = np.array(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
+STD = np.array(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
 
 
 class InvalidImageError(ValueError):
@@ -26,7 +27,7 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         self.max_image_pixels = int(config["parameters"]["MAX_IMAGE_PIXELS"]["string_value"])
-        output = pb_utils.get_output_config_by_name(config, "INPUT")
+        output = pb_utils.get_output_config_by_name(config, INPUT_NAME)
         _, self.height, self.width = output["dims"]
         # decode() enforces our tighter limit from the header, with a message naming the image;
         # PIL's own check would raise first, from inside Image.open, with a vaguer one.
@@ -35,14 +36,14 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
-            images = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy().reshape(-1)
+            images = pb_utils.get_input_tensor_by_name(request, IMAGE_NAME).as_numpy().reshape(-1)
             try:
                 batch = np.stack([self.to_tensor(encoded, index) for index, encoded in enumerate(images)])
             except InvalidImageError as exc:
                 error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
                 responses.append(pb_utils.InferenceResponse(error=error))
                 continue
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("INPUT", batch)]))
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(INPUT_NAME, batch)]))
         return responses
 
     def to_tensor(self, encoded, index):

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine_builder.errors import OsnetTritonError
+from osnet_base.errors import OsnetTritonError
 
 TRAIN_DIR, QUERY_DIR, GALLERY_DIR = "bounding_box_train", "query", "bounding_box_test"
 SPLITS = (TRAIN_DIR, QUERY_DIR, GALLERY_DIR)

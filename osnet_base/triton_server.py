@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine_builder.errors import OsnetTritonError
+from osnet_base.errors import OsnetTritonError
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from client.market1501 import JUNK_PID
+from reid.market1501 import JUNK_PID
 
 DEFAULT_RANKS = (1, 5, 10)
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine_builder.errors import OsnetTritonError
+from osnet_base.errors import OsnetTritonError
 from engine_builder.osnet import ChannelGate, LightConv3x3, OSBlock
 from engine_builder.osnet_ain import LightConvStream, OSBlockAIN
 from kernels import launch, reference

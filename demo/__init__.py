@@ -41,7 +41,7 @@ def print_cross_camera_matches(labels: list[str], identities: list[int], cameras
 def run_demo(variant: str, repository: Path, output: Path, burst_images: int, weights: Path | None,
              load_test_s: int = 10) -> None:
     from client.embedding_client import EmbeddingClient, cosine_similarity, embed_files
-    from client.triton_server import TritonServerConfig, TritonServerProcess
+    from osnet_base.triton_server import TritonServerConfig, TritonServerProcess
     from engine_builder.build import build_cpu_repository
     from engine_builder.cpu_runtimes import RuntimeSelection, read_runtime_choice
     from engine_builder.reference_weights import REFERENCE_DATASET
@@ -122,6 +122,3 @@ def main() -> None:
     weights = args.weights or (reference_weights() if args.variant == REFERENCE_VARIANT else None)
     run_demo(args.variant, args.repository, args.output, args.burst_images, weights, args.load_test_s)
 
-
-if __name__ == "__main__":
-    main()

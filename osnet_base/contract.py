@@ -1,0 +1,25 @@
+"""The serving contract: the one declaration of what every side of the wire agrees on.
+
+Export writes these tensor names and shapes into the ONNX graph, the repository writer into
+config.pbtxt, the client and the load test send and check them, and the python-backend models read
+the copy of this file that the repository writer puts beside each `model.py`. So this file must
+stay importable alone: standard library only.
+"""
+
+DEFAULT_URL = "127.0.0.1:8001"  # Triton's gRPC port, on loopback: a server is never public by default
+
+ENSEMBLE_MODEL = "osnet"  # encoded images in, embeddings out
+PREPROCESS_MODEL = "preprocess"
+
+IMAGE_NAME = "IMAGE"  # BYTES [N,1]: one encoded image per item
+INPUT_NAME = "INPUT"  # FP32 [N,3,256,128]: torchreid's FeatureExtractor output
+FEATURES_NAME = "FEATURES"  # FP32 [N,512]: torchreid's eval output
+EMBEDDING_NAME = "EMBEDDING"  # FP32 [N,512]: FEATURES, L2-normalised
+
+INPUT_CHANNELS, INPUT_HEIGHT, INPUT_WIDTH = 3, 256, 128
+FEATURE_DIM = 512
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+DEFAULT_MAX_BATCH_SIZE = 64
+DEFAULT_RUNTIME = "auto"  # the CPU runtime: measured at build time, see engine_builder.cpu_runtimes
