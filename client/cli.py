@@ -32,16 +32,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     health = commands.add_parser("health", help="server and model readiness")
     add_endpoint_arguments(health)
+    health.set_defaults(run=run_health)
 
     embed = commands.add_parser("embed", help="embed image files or folders into a .npy")
     add_endpoint_arguments(embed)
+    add_embedding_arguments(embed)
     embed.add_argument("images", nargs="+", type=Path, help="image files or folders")
-    embed.add_argument("-o", "--output", type=Path, required=True, help=".npy for the [N, 512] embeddings; a .txt beside it lists the files")
-    embed.add_argument("--batch-size", type=int, default=16, help="images per request (default: %(default)s)")
-    embed.add_argument("--concurrency", type=int, default=4, help="requests in flight (default: %(default)s)")
+    embed.add_argument("-o", "--output", type=Path, required=True,
+                       help="the [N, 512] embeddings (.npy is added if missing); a .txt beside it lists the files")
+    embed.add_argument("--skip-unreadable", action="store_true",
+                       help="leave out files that cannot be read or decoded, and list them, instead of failing the job")
+    embed.set_defaults(run=run_embed)
 
     compare = commands.add_parser("compare", help="cosine similarity of two images")
     add_endpoint_arguments(compare)
+    compare.set_defaults(run=run_compare)
     compare.add_argument("first", type=Path)
     compare.add_argument("second", type=Path)
 
@@ -56,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_embedding_arguments(evaluate)
     evaluate.add_argument("--data", type=Path, required=True, help="Market-1501-layout root holding query/ and bounding_box_test/")
     evaluate.add_argument("-o", "--output", type=Path, default=Path("evaluation.json"), help="JSON report (default: %(default)s)")
+    evaluate.set_defaults(run=run_evaluate)
 
     gallery = commands.add_parser("gallery", help="gallery index commands")
     gallery_commands = gallery.add_subparsers(dest="gallery_command", required=True)
@@ -68,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     gallery_build.add_argument("images", nargs="+", type=Path, help="image files or folders")
     gallery_build.add_argument("--index", type=Path, default=Path("gallery_index"), help="folder to save the index in (default: %(default)s)")
     gallery_build.add_argument("--faiss-threshold", type=int, default=None, help="entries from which search uses a FAISS HNSW graph instead of exact NumPy (default: 50000)")
+    gallery_build.set_defaults(run=run_gallery_build)
 
     search = commands.add_parser("search", help="the gallery crops most similar to each image")
     add_endpoint_arguments(search)
@@ -77,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("-k", "--top-k", type=int, default=5, help="matches per query (default: %(default)s)")
     search.add_argument("--exact", action="store_true", help="exact NumPy search even where the gallery has a FAISS graph")
     search.add_argument("--json", action="store_true", help="print the matches as JSON instead of tables")
+    search.set_defaults(run=run_search)
     return parser
 
 
@@ -85,23 +93,56 @@ def add_embedding_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight (default: %(default)s)")
 
 
-def run_health(client) -> int:
+def run_health(client, args: argparse.Namespace) -> int:
     health = client.health()
     print(json.dumps({"url": health.url, "live": health.live, "ready": health.ready, "version": health.server_version, "models": health.models}, indent=2))
-    return 0 if health.ready and client.model in health.models and health.models[client.model] == "READY" else 1
+    state = health.models.get(client.model)
+    if not health.ready:
+        print(f"osnet-client: the server at {client.url} is live but not ready", file=sys.stderr)
+    elif state is None:
+        print(f"osnet-client: the server at {client.url} does not serve model {client.model!r} "
+              f"(it serves: {', '.join(sorted(health.models)) or 'nothing'})", file=sys.stderr)
+    elif state != "READY":
+        print(f"osnet-client: model {client.model!r} is {state}", file=sys.stderr)
+    return 0 if health.ready and state == "READY" else 1
+
+
+def writable_output(path: Path, suffix: str) -> Path:
+    """`path` with `suffix` (NumPy adds .npy to a name without it: say where it really goes), checked
+    writable now, before a long job, not after it."""
+    from client.embedding_client import ClientError
+
+    path = path if path.suffix == suffix else path.with_name(path.name + suffix)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        existed = path.exists()
+        with path.open("ab"):
+            pass
+        if not existed:
+            path.unlink()
+    except OSError as exc:
+        raise ClientError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path
 
 
 def run_embed(client, args: argparse.Namespace) -> int:
     import numpy as np
 
-    from client.embedding_client import embed_files, list_images
+    from client.embedding_client import embed_files, embed_readable_files, list_images
 
+    output = writable_output(args.output, ".npy")
     paths = list_images(args.images)
-    embeddings = embed_files(client, paths, batch_size=args.batch_size, concurrency=args.concurrency)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    np.save(args.output, embeddings)
-    args.output.with_suffix(".txt").write_text("".join(f"{path}\n" for path in paths))
-    print(f"embedded {len(paths)} images -> {args.output} {embeddings.shape}")
+    if args.skip_unreadable:
+        embedded = embed_readable_files(client, paths, batch_size=args.batch_size, concurrency=args.concurrency)
+        paths, embeddings = embedded.paths, embedded.embeddings
+        for path, reason in embedded.skipped:
+            print(f"osnet-client: skipped {path}: {reason}", file=sys.stderr)
+    else:
+        embeddings = embed_files(client, paths, batch_size=args.batch_size, concurrency=args.concurrency)
+    np.save(output, embeddings)
+    listing = output.with_suffix(".txt")
+    listing.write_text("".join(f"{path}\n" for path in paths))
+    print(f"embedded {len(paths)} images -> {output} {embeddings.shape}, files listed in {listing}")
     return 0
 
 
@@ -217,17 +258,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with EmbeddingClient(args.url, args.model, timeout_s=args.timeout_s) as client:
-            if args.command == "health":
-                return run_health(client)
-            if args.command == "embed":
-                return run_embed(client, args)
-            if args.command == "compare":
-                return run_compare(client, args)
-            if args.command == "evaluate":
-                return run_evaluate(client, args)
-            if args.command == "gallery":
-                return run_gallery_build(client, args)
-            return run_search(client, args)
+            return args.run(client, args)
     except (OsnetTritonError, ValueError) as exc:
         print(f"osnet-client: error: {exc}", file=sys.stderr)
         return 1

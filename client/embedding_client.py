@@ -44,6 +44,10 @@ class ServerUnavailableError(ClientError):
     """No Triton server answers at the URL."""
 
 
+class ServerTimeoutError(ClientError):
+    """The server took longer than the request timeout to answer."""
+
+
 class ModelNotFoundError(ClientError):
     """The server answers but does not serve the model (or it is not ready)."""
 
@@ -66,17 +70,29 @@ def _describe_model_state(entry: dict) -> str:
     return f"{state} ({entry['reason']})" if entry.get("reason") and state != "READY" else state
 
 
-def _server_unavailable(exc: InferenceServerException, url: str) -> ServerUnavailableError | None:
+def _server_unavailable(exc: InferenceServerException, url: str, timeout_s: float | None = None) -> ClientError | None:
     status = exc.status() or ""
-    if "UNAVAILABLE" in status or "DEADLINE_EXCEEDED" in status:
+    if "DEADLINE_EXCEEDED" in status:
+        within = "" if timeout_s is None else f" within {timeout_s:g} s"
+        return ServerTimeoutError(f"the server at {url} did not answer{within} ({status}): it may be overloaded "
+                                  "or still loading its models; try a longer --timeout-s")
+    if "UNAVAILABLE" in status:
         return ServerUnavailableError(f"no Triton server reachable at {url} ({status}): is tritonserver running?")
     return None
 
 
-def _translate(exc: InferenceServerException, url: str, model: str) -> ClientError:
+def check_grpc_url(url: str) -> str:
+    """A gRPC endpoint is host:port; a scheme means someone passed an HTTP URL (Triton's HTTP port is another one)."""
+    if "://" in url:
+        raise ClientError(f"{url!r} is not a gRPC endpoint: give host:port without a scheme, e.g. {DEFAULT_URL} "
+                          "(Triton's gRPC port, 8001 by default; 8000 is its HTTP port)")
+    return url
+
+
+def _translate(exc: InferenceServerException, url: str, model: str, timeout_s: float | None = None) -> ClientError:
     status = exc.status() or ""
     message = exc.message() or str(exc)
-    unreachable = _server_unavailable(exc, url)
+    unreachable = _server_unavailable(exc, url, timeout_s)
     if unreachable is not None:
         return unreachable
     if "NOT_FOUND" in status or "unknown model" in message or "is not found" in message:
@@ -173,7 +189,7 @@ class EmbeddingClient:
 
     def __init__(self, url: str = DEFAULT_URL, model: str = ENSEMBLE_MODEL, timeout_s: float = 60.0,
                  shared_memory: bool = False):
-        self.url = url
+        self.url = check_grpc_url(url)
         self.model = model
         self.timeout_s = timeout_s
         self._client = grpcclient.InferenceServerClient(url)
@@ -223,7 +239,7 @@ class EmbeddingClient:
                 self._shared_inputs.discard(region)
                 region = None
                 return self._infer_shared(tensors, request, model, output, retry=False)
-            raise _translate(exc, self.url, model) from None
+            raise _translate(exc, self.url, model, self.timeout_s) from None
         finally:
             if region is not None:
                 self._shared_inputs.release(region)
@@ -238,16 +254,17 @@ class EmbeddingClient:
         try:
             return self._client_infer(model, request, output)
         except InferenceServerException as exc:
-            raise _translate(exc, self.url, model) from None
+            raise _translate(exc, self.url, model, self.timeout_s) from None
 
     def health(self) -> ServerHealth:
+        timeout = self.timeout_s
         try:
-            live = self._client.is_server_live()
-            ready = self._client.is_server_ready()
-            version = self._client.get_server_metadata(as_json=True).get("version", "?")
-            index = self._client.get_model_repository_index(as_json=True).get("models", [])
+            live = self._client.is_server_live(client_timeout=timeout)
+            ready = self._client.is_server_ready(client_timeout=timeout)
+            version = self._client.get_server_metadata(as_json=True, client_timeout=timeout).get("version", "?")
+            index = self._client.get_model_repository_index(as_json=True, client_timeout=timeout).get("models", [])
         except InferenceServerException as exc:
-            raise _translate(exc, self.url, self.model) from None
+            raise _translate(exc, self.url, self.model, timeout) from None
         models = {m["name"]: _describe_model_state(m) for m in index}
         return ServerHealth(url=self.url, live=live, ready=ready, server_version=version, models=models)
 
@@ -290,10 +307,44 @@ def embed_files(
         try:
             return client.embed_images([read_image_bytes(path) for path in batch])
         except InvalidInputError as exc:
-            raise InvalidInputError(f"batch {batch[0].name}..{batch[-1].name}: {exc}") from None
+            raise InvalidInputError(f"batch {batch[0].name}..{batch[-1].name}: {exc} "
+                                    "(--skip-unreadable leaves such files out and lists them)") from None
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         return np.concatenate(list(pool.map(embed_batch, _batches(paths, batch_size))))
+
+
+@dataclass(frozen=True)
+class EmbeddedFiles:
+    paths: list[Path]  # the files embedded, in the order given
+    embeddings: np.ndarray  # one row per path
+    skipped: list[tuple[Path, str]]  # files that could not be read or decoded, and why
+
+
+def embed_readable_files(
+    client: EmbeddingClient, paths: Sequence[Path], batch_size: int = 16, concurrency: int = 4
+) -> EmbeddedFiles:
+    """`embed_files`, except that a file that cannot be read or decoded is left out and reported
+    instead of failing the job: a batch the server refuses is retried one file at a time."""
+    if batch_size < 1 or concurrency < 1:
+        raise ValueError("batch_size and concurrency must be >= 1")
+
+    def embed_batch(batch: Sequence[Path]) -> list[tuple[Path, np.ndarray | str]]:
+        try:
+            return list(zip(batch, client.embed_images([read_image_bytes(path) for path in batch])))
+        except InvalidInputError as exc:
+            if len(batch) == 1:
+                return [(batch[0], str(exc))]
+        return [item for path in batch for item in embed_batch([path])]
+
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        results = [item for batch in pool.map(embed_batch, _batches(paths, batch_size)) for item in batch]
+    kept = [(path, row) for path, row in results if not isinstance(row, str)]
+    if not kept:
+        raise InvalidInputError(f"none of the {len(paths)} files could be embedded: " + "; ".join(
+            f"{path}: {reason}" for path, reason in results[:3]))
+    return EmbeddedFiles(paths=[path for path, _ in kept], embeddings=np.stack([row for _, row in kept]),
+                         skipped=[(path, reason) for path, reason in results if isinstance(reason, str)])
 
 
 def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -1,5 +1,11 @@
 """Building a model repository: OSNet -> verified ONNX -> Triton models, and the GPU path:
-FP16 / INT8 graphs -> precision report -> plugin rewrite (checked on CPU) -> TensorRT engines."""
+FP16 / INT8 graphs -> precision report -> plugin rewrite (checked on CPU) -> TensorRT engines.
+
+`BuildSettings` is the one settings object of a build: parsed once from the CLI, checked before any
+work, and the one source every step's settings are derived from (the CPU models, the runtime choice,
+the precision graphs, the TensorRT engines, the GPU models), so a setting the CLI accepts reaches
+every model it shapes or is refused up front with the reason. `build_repository` runs a whole build.
+"""
 from __future__ import annotations
 
 import logging
@@ -13,6 +19,7 @@ import onnx
 import torch
 
 from engine_builder.cpu_runtimes import (
+    RUNTIME_CHOICES,
     RUNTIMES,
     RuntimeChoice,
     RuntimeMeasurement,
@@ -21,19 +28,27 @@ from engine_builder.cpu_runtimes import (
     choose_runtime,
     cpu_capabilities,
     load_average_1min,
-    make_cpu_int8_onnx,
     measure_candidates,
     openvino_installed,
     resolve_candidates,
     write_runtime_choice,
 )
-from osnet_base.errors import ExportMismatchError
+from osnet_base.errors import ExportMismatchError, OsnetTritonError
 from engine_builder.export import export_onnx
 from osnet_base.contract import EMBEDDING_NAME
 from engine_builder.image_sets import CALIBRATION_SEED, EVALUATION_SEED, image_set
-from engine_builder.models import create_osnet
-from engine_builder.precision import PrecisionFloor
-from engine_builder.triton_repository import CpuRepositorySettings, write_cpu_models
+from engine_builder.models import VARIANTS, create_osnet
+from engine_builder.precision import (
+    CALIBRATION_METHODS,
+    CPU_CALIBRATION_METHOD,
+    TENSORRT_CALIBRATION_METHOD,
+    PrecisionFloor,
+    quantize_int8,
+)
+from engine_builder.reference_weights import REFERENCE_VARIANT, default_weights
+from engine_builder.tensorrt_build import EngineBuildSettings
+from engine_builder.triton_repository import CpuRepositorySettings, GpuRepositorySettings, building_venv, write_cpu_models
+from osnet_base.contract import DEFAULT_MAX_BATCH_SIZE, DEFAULT_RUNTIME
 
 logger = logging.getLogger(__name__)
 
@@ -70,12 +85,13 @@ def build_cpu_repository(
     reference = pytorch_embeddings(model, evaluation)
     auto = selection.runtime == "auto"
     threads = settings.threads_per_instance()  # what the served model will run with, measured with the same
+    batch_size = min(selection.batch_size, settings.max_batch_size)
     with tempfile.TemporaryDirectory(prefix="osnet_cpu_build_") as scratch:
         graphs = make_cpu_graphs(model, {runtime.graph for runtime in candidates}, Path(scratch), selection)
         load = load_average_1min()
         measurements = measure_candidates(
             candidates, graphs, evaluation, reference, floor=selection.floor, threads=threads,
-            streams=settings.streams, batch_size=selection.batch_size,
+            streams=settings.streams, instances=settings.instances, batch_size=batch_size,
             # An explicit runtime is only checked for precision: timing it would choose nothing.
             seconds_per_candidate=selection.seconds_per_candidate if auto else 0.0,
         )
@@ -89,7 +105,7 @@ def build_cpu_repository(
         shutil.copyfile(graphs[runtime.graph], repository / served / "1" / "model.onnx")
     choice = RuntimeChoice(
         runtime=chosen, precision=runtime.precision, reason=reason, floor=selection.floor, measurements=tuple(measurements),
-        cpu_capabilities=tuple(sorted(capabilities)), threads=threads, streams=settings.streams,
+        cpu_capabilities=tuple(sorted(capabilities)), threads=threads, streams=settings.streams, instances=settings.instances,
         load_average_1min=load,
     )
     write_runtime_choice(repository / served, choice)
@@ -111,7 +127,7 @@ def make_cpu_graphs(model: torch.nn.Module, graphs: set[str], work_dir: Path, se
     if "int8" in graphs:
         calibration = image_set(selection.calib_dir, selection.calibration_images, CALIBRATION_SEED)
         paths["int8"] = work_dir / "model_int8.onnx"
-        onnx.save(make_cpu_int8_onnx(onnx.load(paths["fp32"]), calibration, selection.calibration_method), paths["int8"])
+        onnx.save(quantize_int8(onnx.load(paths["fp32"]), calibration, method=selection.calibration_method), paths["int8"])
     return paths
 
 
@@ -133,7 +149,7 @@ class PrecisionBuildSettings:
     eval_dir: Path | None = None
     calibration_images: int = 64
     evaluation_images: int = 64
-    calib_method: str = "percentile"
+    calib_method: str = TENSORRT_CALIBRATION_METHOD
     aot_plugins: bool = True
     floors: dict = field(default_factory=dict)  # precision -> PrecisionFloor, overriding the defaults
 
@@ -143,6 +159,8 @@ class PrecisionBuildSettings:
             raise ValueError(f"unknown precision(s) {sorted(unknown)}: choose from {REDUCED_PRECISIONS}")
         if self.calibration_images < 1 or self.evaluation_images < 2:
             raise ValueError("need >= 1 calibration image and >= 2 evaluation images")
+        if self.calib_method not in CALIBRATION_METHODS:
+            raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}, got {self.calib_method!r}")
 
 
 @dataclass(frozen=True)
@@ -175,14 +193,13 @@ def build_precision_graphs(
 ) -> PrecisionGraphs:
     """FP32 export, FP16 / INT8 graphs, each rewritten to plugin nodes (the rewrite checked on CPU
     against its plugin-free source), and the precision report; the build fails below the floors."""
-    from engine_builder.plugin_rewrite import rewrite_to_plugins
+    from engine_builder.plugin_rewrite import plugin_bound_node_names, rewrite_to_plugins
     from engine_builder.precision import (
         DEFAULT_FLOORS,
         compare_with_fp32,
         embed_with_onnxruntime,
         enforce_floors,
         make_fp16_onnx,
-        make_int8_onnx,
         write_precision_report,
     )
     from kernels.onnxruntime_reference_ops import run_reference
@@ -199,7 +216,8 @@ def build_precision_graphs(
         graphs["fp16"] = make_fp16_onnx(fp32)
     if "int8" in settings.precisions:
         calibration = image_set(settings.calib_dir, settings.calibration_images, CALIBRATION_SEED)
-        graphs["int8"] = make_int8_onnx(fp32, calibration, method=settings.calib_method)
+        graphs["int8"] = quantize_int8(fp32, calibration, method=settings.calib_method,
+                                       leave_in_float=plugin_bound_node_names(fp32), float_weights=True)
 
     floors = {name: settings.floors.get(name, DEFAULT_FLOORS[name]) for name in graphs}
     results = [
@@ -231,3 +249,126 @@ def build_precision_graphs(
         onnx.save(graph, plugin_free[name])
         onnx.save(shipped[name], with_plugins[name])
     return PrecisionGraphs(fp32=fp32_path, plugin_free=plugin_free, with_plugins=with_plugins, report_dir=work_dir)
+
+
+PRECISIONS = ("fp32", *REDUCED_PRECISIONS)
+
+
+class BuildSettingsError(OsnetTritonError, ValueError):
+    """A combination of settings the build cannot honour; raised before any work is done."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildSettings:
+    """Everything one build is asked for. `None` means: the default of the step that uses it."""
+
+    variant: str = REFERENCE_VARIANT
+    weights: Path | None = None  # None: the reference checkpoint for its variant, else seeded random weights
+    repository: Path = Path("triton_repo")
+    precisions: tuple[str, ...] = ("fp32",)
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    instances: int = 1
+    intra_op_threads: int | None = None
+    python_env: Path | None = field(default_factory=building_venv)
+    runtime: str = DEFAULT_RUNTIME
+    calib_dir: Path | None = None
+    eval_dir: Path | None = None
+    calib_method: str | None = None  # None: each INT8 graph's own default (precision.py says why)
+    floors: dict[str, PrecisionFloor] = field(default_factory=dict)
+    work_dir: Path | None = None  # None: build/<variant>
+    jit_plugins: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.variant not in VARIANTS:
+            problems.append(f"unknown variant {self.variant!r}; choose one of: {', '.join(sorted(VARIANTS))}")
+        if not self.precisions or set(self.precisions) - set(PRECISIONS):
+            problems.append(f"precisions must be some of {PRECISIONS}, got {list(self.precisions)}")
+        for name, value in (("max batch size", self.max_batch_size), ("instances", self.instances),
+                            ("intra-op threads", self.intra_op_threads)):
+            if value is not None and value < 1:
+                problems.append(f"{name} must be >= 1, got {value}")
+        if self.runtime not in RUNTIME_CHOICES:
+            problems.append(f"unknown CPU runtime {self.runtime!r}: choose from {', '.join(RUNTIME_CHOICES)}")
+        if self.calib_method is not None and self.calib_method not in CALIBRATION_METHODS:
+            problems.append(f"calibration method must be one of {CALIBRATION_METHODS}, got {self.calib_method!r}")
+        if set(self.floors) - set(REDUCED_PRECISIONS):
+            problems.append(f"floors apply to {REDUCED_PRECISIONS} only, got {sorted(self.floors)}")
+        elif set(self.floors) - set(self.precisions):
+            problems.append(f"a floor for {sorted(set(self.floors) - set(self.precisions))} is set, but that precision is not built")
+        if self.jit_plugins and not set(self.precisions) & set(REDUCED_PRECISIONS):
+            problems.append("--jit-plugins shapes TensorRT engines only: build fp16 or int8 as well")
+        for name, folder in (("calibration", self.calib_dir), ("evaluation", self.eval_dir)):
+            if folder is not None and not Path(folder).is_dir():
+                problems.append(f"the {name} image folder {folder} does not exist")
+        if self.weights is not None and not Path(self.weights).is_file():
+            problems.append(f"checkpoint {self.weights} does not exist")
+        if self.python_env is not None and not Path(self.python_env).is_dir():
+            problems.append(f"the python-backend environment {self.python_env} is not a folder")
+        if problems:
+            raise BuildSettingsError("cannot build: " + "; ".join(problems))
+
+    @property
+    def builds_cpu_models(self) -> bool:
+        return "fp32" in self.precisions
+
+    @property
+    def reduced_precisions(self) -> tuple[str, ...]:
+        return tuple(p for p in self.precisions if p in REDUCED_PRECISIONS)
+
+    def resolved_weights(self) -> Path | None:
+        return self.weights if self.weights is not None else default_weights(self.variant)
+
+    def resolved_work_dir(self) -> Path:
+        return self.work_dir or Path("build") / self.variant
+
+    def cpu_repository(self) -> CpuRepositorySettings:
+        """`preprocess` and the CPU tensor model; a GPU build's `preprocess` is the same."""
+        return CpuRepositorySettings(max_batch_size=self.max_batch_size, instances=self.instances,
+                                     intra_op_threads=self.intra_op_threads, execution_env=self.python_env)
+
+    def runtime_selection(self) -> RuntimeSelection:
+        return RuntimeSelection(runtime=self.runtime, eval_dir=self.eval_dir, calib_dir=self.calib_dir,
+                                calibration_method=self.calib_method or CPU_CALIBRATION_METHOD)
+
+    def precision_build(self) -> PrecisionBuildSettings:
+        return PrecisionBuildSettings(precisions=self.reduced_precisions or REDUCED_PRECISIONS, calib_dir=self.calib_dir,
+                                      eval_dir=self.eval_dir, calib_method=self.calib_method or TENSORRT_CALIBRATION_METHOD,
+                                      aot_plugins=not self.jit_plugins, floors=dict(self.floors))
+
+    def engine_build(self) -> EngineBuildSettings:
+        return EngineBuildSettings(max_batch_size=self.max_batch_size, timing_cache=self.resolved_work_dir() / "timing.cache")
+
+    def gpu_repository(self) -> GpuRepositorySettings:
+        return GpuRepositorySettings(max_batch_size=self.max_batch_size, instances=self.instances, execution_env=self.python_env)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    served: str | None  # the model the `osnet` ensemble runs, where this build wrote one
+    work_dir: Path | None  # the precision graphs and their report, where reduced precisions were built
+    engines_skipped: str | None  # why no TensorRT engine was built, where one was asked for
+
+
+def build_repository(settings: BuildSettings) -> BuildResult:
+    """The whole build `settings` asks for."""
+    from engine_builder.tensorrt_build import build_engine, tensorrt_unavailable_reason
+    from engine_builder.triton_repository import served_tensor_model, write_tensorrt_models
+
+    weights = settings.resolved_weights()
+    served = None
+    if settings.builds_cpu_models:
+        build_cpu_repository(settings.variant, settings.repository, weights, settings.cpu_repository(), settings.runtime_selection())
+        served = served_tensor_model(settings.repository)
+    if not settings.reduced_precisions:
+        return BuildResult(served=served, work_dir=None, engines_skipped=None)
+    work_dir = settings.resolved_work_dir()
+    graphs = build_precision_graphs(settings.variant, work_dir, weights, settings.precision_build())
+    reason = tensorrt_unavailable_reason()
+    if reason:
+        return BuildResult(served=served, work_dir=work_dir, engines_skipped=reason)
+    plans = {precision: build_engine(graph, work_dir / f"{precision}.plan", settings.engine_build(), plugins=True)
+             for precision, graph in graphs.with_plugins.items()}
+    served = write_tensorrt_models(settings.repository, settings.variant, plans, settings.gpu_repository(),
+                                   preprocess=settings.cpu_repository(), jit_plugins=settings.jit_plugins, report_dir=work_dir)
+    return BuildResult(served=served, work_dir=work_dir, engines_skipped=None)

@@ -1,4 +1,4 @@
-"""`osnet-build check-trt`: do the fused plugins earn their place on this GPU?
+"""`osnet-check-trt`: do the fused plugins earn their place on this GPU?
 
 Builds FP16 and INT8 engines twice, with the plugins and plain (TensorRT's own kernels on the
 unrewritten graph), compares every engine's embeddings with FP32 ONNX Runtime on the same images,
@@ -30,7 +30,7 @@ class EngineCheck:
 
 
 def check_engines(
-    graphs: PrecisionGraphs, work_dir: Path, batch_sizes: list[int], eval_dir: Path | None, max_batch_size: int
+    graphs: PrecisionGraphs, work_dir: Path, batch_sizes: list[int], eval_dir: Path | None, settings: EngineBuildSettings
 ) -> list[EngineCheck]:
     from engine_builder.precision import embed_with_onnxruntime
 
@@ -38,8 +38,6 @@ def check_engines(
 
     images = image_set(eval_dir, 64, EVALUATION_SEED)
     reference = embed_with_onnxruntime(onnx.load(graphs.fp32), images)
-    settings = EngineBuildSettings(max_batch_size=max_batch_size, opt_batch_size=min(32, max_batch_size),
-                                   timing_cache=work_dir / "timing.cache")
     checks = []
     for precision in graphs.with_plugins:
         for plugins, graph in ((True, graphs.with_plugins[precision]), (False, graphs.plugin_free[precision])):
@@ -47,7 +45,7 @@ def check_engines(
             runner = EngineRunner(plan, plugins)
             embeddings = np.concatenate([runner.run(images[i : i + 16])[EMBEDDING_NAME] for i in range(0, len(images), 16)])
             cosines = np.sum(embeddings * reference, axis=1) / np.linalg.norm(embeddings, axis=1)
-            speed = {batch: runner.images_per_second(batch) for batch in batch_sizes if batch <= max_batch_size}
+            speed = {batch: runner.images_per_second(batch) for batch in batch_sizes if batch <= settings.max_batch_size}
             checks.append(EngineCheck(precision, plugins, float(cosines.mean()), float(cosines.min()), speed))
     return checks
 

@@ -1,4 +1,5 @@
-"""osnet-build: turn OSNet (torchreid weights) into a Triton model repository.
+"""osnet-build and osnet-check-trt: OSNet (torchreid weights) into a Triton model repository, and
+whether the fused TensorRT plugins earn their place on this GPU.
 
   osnet-build [--variant V] [--weights W] [--precision fp32 fp16 int8] ...
       fp32: exports ONNX (checked against PyTorch) and writes `preprocess`, the CPU tensor model and
@@ -8,9 +9,12 @@
       writes their precision report (failing below the floor), rewrites them to the fused plugins
       (checked on CPU), and with TensorRT >= 10.9 and a GPU builds `<variant>_trt_fp16|int8` engines
       and points the `osnet` ensemble at INT8 (else FP16).
-  osnet-build check-trt [--variant V] ...
+  osnet-check-trt [--variant V] ...
       with TensorRT and a GPU: engines with and without the fused plugins, cosine and img/s side by side.
 Serve with: tritonserver --model-repository <repository>
+
+Both tools parse the same argument groups into one `BuildSettings`, which refuses a setting it
+cannot honour before any work starts.
 """
 from __future__ import annotations
 
@@ -38,117 +42,126 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     from engine_builder.models import VARIANTS
     from engine_builder.reference_weights import REFERENCE_VARIANT
 
-    parser.add_argument("--variant", default=REFERENCE_VARIANT, choices=sorted(VARIANTS), help="OSNet variant (default: %(default)s)")
-    parser.add_argument("--weights", type=Path, help=f"torchreid checkpoint (.pth state_dict or .pth.tar); default: the reference "
-                        f"checkpoint for {REFERENCE_VARIANT} (weights/), seeded random weights for other variants")
-    parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE, help="Triton max_batch_size and engine profile max (default: %(default)s)")
-    parser.add_argument("--work-dir", type=Path, help="where precision graphs, reports and plans go (default: build/<variant>)")
-    parser.add_argument("--calib-dir", type=Path, help="INT8 calibration images (default: generated people)")
-    parser.add_argument("--eval-dir", type=Path, help="held-out images for the precision report (default: generated people)")
-    parser.add_argument("--calib-method", default="percentile", choices=["minmax", "percentile", "entropy"], help="INT8 calibration (default: %(default)s)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    group = parser.add_argument_group("model")
+    group.add_argument("--variant", default=REFERENCE_VARIANT, choices=sorted(VARIANTS), help="OSNet variant (default: %(default)s)")
+    group.add_argument("--weights", type=Path, help=f"torchreid checkpoint (.pth state_dict or .pth.tar); default: the reference "
+                       f"checkpoint for {REFERENCE_VARIANT} (weights/), seeded random weights for other variants")
+    group.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
+                       help="Triton max_batch_size and engine profile max (default: %(default)s)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_precision_arguments(parser: argparse.ArgumentParser) -> None:
+    from engine_builder.precision import CALIBRATION_METHODS, CPU_CALIBRATION_METHOD, TENSORRT_CALIBRATION_METHOD
+
+    group = parser.add_argument_group("reduced precision")
+    group.add_argument("--work-dir", type=Path, help="where precision graphs, reports and plans go (default: build/<variant>)")
+    group.add_argument("--calib-dir", type=Path, help="INT8 calibration images (default: generated people)")
+    group.add_argument("--eval-dir", type=Path, help="held-out images for the precision reports (default: generated people)")
+    group.add_argument("--calib-method", choices=CALIBRATION_METHODS,
+                       help=f"INT8 calibration of every INT8 graph, CPU and TensorRT (default: {CPU_CALIBRATION_METHOD} "
+                            f"for the CPU graph, {TENSORRT_CALIBRATION_METHOD} for TensorRT's)")
+    group.add_argument("--floor", type=parse_floor, action="append", default=[], metavar="P=MEAN,MIN,TOP1",
+                       help="precision floor, e.g. int8=0.98,0.9,0.8 (defaults in engine_builder/precision.py)")
+
+
+def add_serving_arguments(parser: argparse.ArgumentParser) -> None:
+    from engine_builder.build import PRECISIONS
     from engine_builder.cpu_runtimes import RUNTIME_CHOICES
     from engine_builder.triton_repository import building_venv
 
+    group = parser.add_argument_group("serving")
+    group.add_argument("--repository", type=Path, default=Path("triton_repo"), help="output model repository (default: %(default)s)")
+    group.add_argument("--precision", nargs="+", default=["fp32"], choices=PRECISIONS, help="models to build (default: fp32)")
+    group.add_argument("--instances", type=int, default=1, help="instances of every model (default: %(default)s)")
+    group.add_argument("--intra-op-threads", type=int,
+                       help="runtime threads per CPU instance (default: every core for one instance, the cores shared out between several)")
+    group.add_argument("--python-env", type=Path, default=building_venv(),
+                       help="the Python environment (a venv folder) the python-backend models run in on the serving "
+                            "machine (default: this venv, %(default)s)")
+    group.add_argument("--runtime", default=DEFAULT_RUNTIME, choices=RUNTIME_CHOICES,
+                       help="CPU runtime of the tensor model; auto: the fastest measured here within the floor (default: %(default)s)")
+    group.add_argument("--jit-plugins", action="store_true", help="JIT (Python/CuPy) plugins instead of AOT PTX; served by the python backend")
+
+
+def build_settings(args: argparse.Namespace, **fixed):
+    """The BuildSettings of parsed `args`: the groups a tool added, then `fixed` values."""
+    from engine_builder.build import BuildSettings
+
+    from_args = {name: getattr(args, name) for name in (
+        "variant", "weights", "max_batch_size", "work_dir", "calib_dir", "eval_dir", "calib_method", "repository",
+        "instances", "intra_op_threads", "python_env", "runtime", "jit_plugins") if hasattr(args, name)}
+    if hasattr(args, "precision"):
+        from_args["precisions"] = tuple(dict.fromkeys(args.precision))
+    if hasattr(args, "floor"):
+        from_args["floors"] = dict(args.floor)
+    return BuildSettings(**from_args, **fixed)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="osnet-build", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
-    parser.add_argument("--repository", type=Path, default=Path("triton_repo"), help="output model repository (default: %(default)s)")
-    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "fp16", "int8"], help="models to build (default: fp32)")
-    parser.add_argument("--instances", type=int, default=1, help="model instances per model (default: %(default)s)")
-    parser.add_argument("--intra-op-threads", type=int, help="runtime threads per CPU instance (default: every core for one instance, the cores shared out between several)")
-    parser.add_argument("--python-env", type=Path, default=building_venv(),
-                        help="the Python environment (a venv folder) the python-backend models run in on the serving "
-                             "machine (default: this venv, %(default)s)")
-    parser.add_argument("--runtime", default=DEFAULT_RUNTIME, choices=RUNTIME_CHOICES,
-                        help="CPU runtime of the tensor model; auto: the fastest measured here within the floor (default: %(default)s)")
-    parser.add_argument("--jit-plugins", action="store_true", help="JIT (Python/CuPy) plugins instead of AOT PTX; served by the python backend")
-    parser.add_argument("--floor", type=parse_floor, action="append", default=[], metavar="P=MEAN,MIN,TOP1",
-                        help="precision floor, e.g. int8=0.98,0.9,0.8 (defaults in engine_builder/precision.py)")
+    add_serving_arguments(parser)
+    add_precision_arguments(parser)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
 
 def build_check_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="osnet-build check-trt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="osnet-check-trt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
+    add_precision_arguments(parser)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64], help="throughput batch sizes (default: %(default)s)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
 
-def resolve_weights(args: argparse.Namespace) -> None:
-    from engine_builder.reference_weights import default_weights
-
-    if args.weights is None:
-        args.weights = default_weights(args.variant)
-
-
 def run_build(args: argparse.Namespace) -> int:
-    from engine_builder.build import PrecisionBuildSettings, build_cpu_repository, build_precision_graphs
-    from engine_builder.cpu_runtimes import RuntimeSelection
-    from engine_builder.tensorrt_build import EngineBuildSettings, build_engine, tensorrt_unavailable_reason
-    from engine_builder.triton_repository import CpuRepositorySettings, GpuRepositorySettings, write_tensorrt_models
+    from engine_builder.build import build_repository
 
-    if "fp32" in args.precision:
-        settings = CpuRepositorySettings(max_batch_size=args.max_batch_size, instances=args.instances,
-                                         intra_op_threads=args.intra_op_threads, execution_env=args.python_env)
-        selection = RuntimeSelection(runtime=args.runtime, eval_dir=args.eval_dir, calib_dir=args.calib_dir)
-        build_cpu_repository(args.variant, args.repository, args.weights, settings, selection)
-    reduced = tuple(p for p in args.precision if p != "fp32")
-    if not reduced:
-        return 0
-    work_dir = args.work_dir or Path("build") / args.variant
-    graphs = build_precision_graphs(
-        args.variant, work_dir, args.weights,
-        PrecisionBuildSettings(precisions=reduced, calib_dir=args.calib_dir, eval_dir=args.eval_dir,
-                               calib_method=args.calib_method, aot_plugins=not args.jit_plugins, floors=dict(args.floor)),
-    )
-    print(f"precision graphs and report in {work_dir}/ (precision_report.md)")
-    reason = tensorrt_unavailable_reason()
-    if reason:
-        print(f"osnet-build: engines not built: {reason}. The graphs above are what TensorRT >= 10.9 takes; "
-              "run the same command where TensorRT and a GPU are (NVIDIA's Triton container).", file=sys.stderr)
-        return 0
-    engine_settings = EngineBuildSettings(max_batch_size=args.max_batch_size, timing_cache=work_dir / "timing.cache")
-    plans = {precision: build_engine(graph, work_dir / f"{precision}.plan", engine_settings, plugins=True)
-             for precision, graph in graphs.with_plugins.items()}
-    served = write_tensorrt_models(args.repository, args.variant, plans,
-                                   GpuRepositorySettings(max_batch_size=args.max_batch_size, instances=args.instances,
-                                                         execution_env=args.python_env),
-                                   jit_plugins=args.jit_plugins, report_dir=work_dir)
-    print(f"engines in {args.repository}/; the `osnet` ensemble runs {served}")
+    settings = build_settings(args)
+    result = build_repository(settings)
+    if result.work_dir is not None:
+        print(f"precision graphs and report in {result.work_dir}/ (precision_report.md)")
+    if result.engines_skipped:
+        print(f"osnet-build: engines not built: {result.engines_skipped}. The graphs above are what TensorRT >= 10.9 "
+              "takes; run the same command where TensorRT and a GPU are (NVIDIA's Triton container).", file=sys.stderr)
+    if result.served:
+        print(f"repository {settings.repository}/: the `osnet` ensemble runs {result.served}; "
+              f"serve it with: tritonserver --model-repository {settings.repository}")
     return 0
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from engine_builder.build import PrecisionBuildSettings, build_precision_graphs
+    from engine_builder.build import build_precision_graphs
     from engine_builder.check_trt import check_engines, format_checks
     from engine_builder.tensorrt_build import TensorRTUnavailableError, tensorrt_unavailable_reason
 
+    settings = build_settings(args, precisions=("fp16", "int8"))
     reason = tensorrt_unavailable_reason()
     if reason:
         raise TensorRTUnavailableError(f"check-trt needs TensorRT and a GPU: {reason}")
-    work_dir = args.work_dir or Path("build") / args.variant
-    graphs = build_precision_graphs(
-        args.variant, work_dir, args.weights,
-        PrecisionBuildSettings(calib_dir=args.calib_dir, eval_dir=args.eval_dir, calib_method=args.calib_method),
-    )
-    print(format_checks(check_engines(graphs, work_dir, args.batch_sizes, args.eval_dir, args.max_batch_size)))
+    work_dir = settings.resolved_work_dir()
+    graphs = build_precision_graphs(settings.variant, work_dir, settings.resolved_weights(), settings.precision_build())
+    print(format_checks(check_engines(graphs, work_dir, args.batch_sizes, settings.eval_dir, settings.engine_build())))
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    checking = bool(argv) and argv[0] == "check-trt"
-    args = (build_check_parser() if checking else build_parser()).parse_args(argv[1:] if checking else argv)
+def _run(tool: str, parser: argparse.ArgumentParser, run, argv: list[str] | None) -> int:
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        resolve_weights(args)
-        return run_check(args) if checking else run_build(args)
+        return run(args)
     except (OsnetTritonError, ValueError) as exc:
-        print(f"osnet-build: error: {exc}", file=sys.stderr)
+        print(f"{tool}: error: {exc}", file=sys.stderr)
         return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return _run("osnet-build", build_parser(), run_build, argv)
+
+
+def check_trt_main(argv: list[str] | None = None) -> int:
+    return _run("osnet-check-trt", build_check_parser(), run_check, argv)
 
 
 if __name__ == "__main__":

@@ -5,39 +5,34 @@ on the fastest runtime and precision this CPU has, within the agreed precision f
 
 | runtime | graph | served by |
 | --- | --- | --- |
-| `onnxruntime-fp32` | FP32 ONNX | ONNX Runtime (`onnxruntime_embedder.py`) |
-| `openvino-fp32` | FP32 ONNX | OpenVINO, `INFERENCE_PRECISION_HINT` f32 (`openvino_embedder.py`) |
+| `onnxruntime-fp32` | FP32 ONNX | ONNX Runtime |
+| `openvino-fp32` | FP32 ONNX | OpenVINO, `INFERENCE_PRECISION_HINT` f32 |
 | `openvino-bf16` | FP32 ONNX | OpenVINO, `INFERENCE_PRECISION_HINT` bf16: only where the CPU has BF16 |
 | `onnxruntime-int8` | INT8 Q/DQ ONNX | ONNX Runtime |
 | `openvino-int8` | INT8 Q/DQ ONNX | OpenVINO |
 
-The CPU INT8 graph quantizes every convolution and the head's Gemm (depthwise and gate convolutions
-included); the TensorRT INT8 graph (`precision.make_int8_onnx`) leaves those in float for the fused
-plugins, which on a CPU is both slower and further from FP32.
-
-`auto` measures every candidate in-process at the served batch size, with the threads and streams
-it will be served with, and picks the fastest one whose embeddings stay within the floor
+Every one is served by `triton_repo/cpu_embedder.py` with the session `cpu_sessions.open_session`
+builds; `auto` measures that very session code in-process, with the config parameters and instance
+count the served model gets, at the served batch size, and picks the fastest one whose embeddings stay within the floor
 (`choose_runtime`, a pure function); `write_runtime_choice` records why beside the served model.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import logging
 import os
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import onnx
 
+from engine_builder.cpu_sessions import open_session
+from engine_builder.precision import CALIBRATION_METHODS, CPU_CALIBRATION_METHOD, PrecisionFloor, compare_with_fp32
+from osnet_base.contract import DEFAULT_RUNTIME, EMBEDDING_NAME
 from osnet_base.errors import OsnetTritonError
-from osnet_base.contract import EMBEDDING_NAME, INPUT_NAME
-from engine_builder.precision import PrecisionFloor, compare_with_fp32
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +47,6 @@ SERVING_FLOOR = PrecisionFloor(min_mean_cosine=0.999, min_cosine=0.995, min_top1
 # more precise one by more than this to be chosen over it.
 PRECISION_MARGIN = 0.05
 PRECISION_ORDER = ("fp32", "bf16", "int8")  # most precise first
-INT8_CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 
 
 class RuntimeUnavailableError(OsnetTritonError):
@@ -70,7 +64,6 @@ class CpuRuntime:
     name: str
     engine: str  # "onnxruntime" | "openvino"
     precision: str  # the served model is `<variant>_<precision>`
-    python_source: str  # under triton_repo/, copied to `<model>/1/model.py`
     openvino_precision_hint: str | None = None
     required_capability: str | None = None  # as OpenVINO's OPTIMIZATION_CAPABILITIES names it
 
@@ -96,9 +89,9 @@ class CpuRuntime:
         loses less to the load generator: a preempted thread stalls its own stream, not every layer.
         """
         if self.engine == "onnxruntime":
-            return {} if threads is None else {"INTRA_OP_THREADS": str(threads)}
+            return {"ENGINE": self.engine, **({} if threads is None else {"INTRA_OP_THREADS": str(threads)})}
         # LATENCY gives one request all the threads; THROUGHPUT splits them over the streams.
-        parameters = {"INFERENCE_PRECISION_HINT": self.openvino_precision_hint,
+        parameters = {"ENGINE": self.engine, "INFERENCE_PRECISION_HINT": self.openvino_precision_hint,
                       "PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT"}
         if streams is not None:
             parameters["NUM_STREAMS"] = str(streams)
@@ -108,15 +101,14 @@ class CpuRuntime:
 
 
 _RUNTIMES = (
-    CpuRuntime(name="onnxruntime-fp32", engine="onnxruntime", precision="fp32", python_source="onnxruntime_embedder.py"),
-    CpuRuntime(name="openvino-fp32", engine="openvino", precision="fp32", python_source="openvino_embedder.py",
-               openvino_precision_hint="f32"),
-    CpuRuntime(name="openvino-bf16", engine="openvino", precision="bf16", python_source="openvino_embedder.py",
+    CpuRuntime(name="onnxruntime-fp32", engine="onnxruntime", precision="fp32"),
+    CpuRuntime(name="openvino-fp32", engine="openvino", precision="fp32", openvino_precision_hint="f32"),
+    CpuRuntime(name="openvino-bf16", engine="openvino", precision="bf16",
                openvino_precision_hint="bf16", required_capability="BF16"),
-    CpuRuntime(name="onnxruntime-int8", engine="onnxruntime", precision="int8", python_source="onnxruntime_embedder.py"),
+    CpuRuntime(name="onnxruntime-int8", engine="onnxruntime", precision="int8"),
     # f32, not bf16, for what stays in float: with every convolution quantized, a bf16 hint adds
     # conversions around each quantized layer and measured ~30% slower on the reference CPU.
-    CpuRuntime(name="openvino-int8", engine="openvino", precision="int8", python_source="openvino_embedder.py",
+    CpuRuntime(name="openvino-int8", engine="openvino", precision="int8",
                openvino_precision_hint="f32"),
 )
 RUNTIMES: dict[str, CpuRuntime] = {runtime.name: runtime for runtime in _RUNTIMES}
@@ -157,91 +149,14 @@ def available_runtimes(capabilities: frozenset[str], has_openvino: bool) -> list
     return [r for r in _RUNTIMES if unavailable_reason(r, capabilities, has_openvino) is None]
 
 
-def make_cpu_int8_onnx(fp32_model: onnx.ModelProto, calibration_images: np.ndarray, method: str = "minmax") -> onnx.ModelProto:
-    """Symmetric INT8 Q/DQ of every Conv and Gemm (weights per output channel, activations per tensor).
-
-    MinMax by default: on the reference model it is as close to FP32 as percentile calibration and
-    calibrates 2.5x faster, which `auto` pays at every build.
-    """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    from engine_builder.precision import _ImageBatches
-
-    if method not in INT8_CALIBRATION_METHODS:
-        raise ValueError(f"calibration method must be one of {INT8_CALIBRATION_METHODS}, got {method!r}")
-    if len(calibration_images) == 0:
-        raise ValueError("INT8 calibration needs at least one image")
-    # ERROR: quantize_static also warns on every call to "pre-process" the model first (fold
-    # BatchNorm, infer shapes); the export folded every BatchNorm into its Conv already.
-    with tempfile.TemporaryDirectory() as scratch, _root_logging_at_least(logging.ERROR):
-        source, target = Path(scratch) / "fp32.onnx", Path(scratch) / "int8.onnx"
-        onnx.save(fp32_model, source)
-        quantize_static(
-            str(source),
-            str(target),
-            _ImageBatches(calibration_images, 8),
-            quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            op_types_to_quantize=["Conv", "Gemm"],
-            calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-                              "entropy": CalibrationMethod.Entropy}[method],
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
-        )
-        return onnx.load(target)
+Embedder = Callable[[np.ndarray], np.ndarray]  # INPUT batch -> EMBEDDING [N,512]
 
 
-@contextlib.contextmanager
-def _root_logging_at_least(level: int) -> Iterator[None]:
-    """onnxruntime.quantization logs each of the ~100 bias initializers it copies to the root logger at INFO."""
-    root = logging.getLogger()
-    previous = root.level
-    root.setLevel(max(level, previous))
-    try:
-        yield
-    finally:
-        root.setLevel(previous)
-
-
-Embedder = Callable[[np.ndarray], np.ndarray]  # INPUT [N,3,256,128] -> EMBEDDING [N,512]
-
-
-def _onnxruntime_embedder(model_path: Path, parameters: Mapping[str, str]) -> Embedder:
-    import onnxruntime as ort
-
-    # As triton_repo/onnxruntime_embedder.py builds its session.
-    options = ort.SessionOptions()
-    options.inter_op_num_threads = 1
-    if "INTRA_OP_THREADS" in parameters:
-        options.intra_op_num_threads = int(parameters["INTRA_OP_THREADS"])
-    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    return lambda images: session.run([EMBEDDING_NAME], {INPUT_NAME: images})[0]
-
-
-def _openvino_embedder(model_path: Path, parameters: Mapping[str, str]) -> Embedder:
-    import openvino as ov
-
-    # As triton_repo/openvino_embedder.py compiles and runs: one part of the batch per stream, in parallel.
-    compiled = ov.Core().compile_model(str(model_path), "CPU", dict(parameters))
-    requests = [compiled.create_infer_request() for _ in range(int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))]
-
-    def embed(images: np.ndarray) -> np.ndarray:
-        parts = np.array_split(images, min(len(requests), len(images)))
-        running = requests[: len(parts)]
-        for request, part in zip(running, parts):
-            request.start_async({INPUT_NAME: part}, share_inputs=True)
-        for request in running:
-            request.wait()
-        return np.concatenate([request.get_tensor(EMBEDDING_NAME).data for request in running])
-
-    return embed
-
-
-def open_embedder(runtime: CpuRuntime, model_path: Path, parameters: Mapping[str, str]) -> Embedder:
-    """`runtime` in this process, configured as the served model will be."""
-    factory = _onnxruntime_embedder if runtime.engine == "onnxruntime" else _openvino_embedder
-    return factory(Path(model_path), parameters)
+def open_embedder(runtime: CpuRuntime, model_path: Path, parameters: Mapping[str, str], instances: int) -> tuple[Embedder, dict]:
+    """`runtime` in this process, built by the code the served model runs with the parameters it gets;
+    also the session's properties, which the served model logs."""
+    session = open_session(runtime.engine, model_path, parameters, instances)
+    return (lambda images: session.run([images], [EMBEDDING_NAME])[0]), dict(session.properties)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -258,6 +173,7 @@ class RuntimeMeasurement:
     within_floor: bool
     setup_s: float = 0.0  # compiling it and embedding the evaluation images
     error: str | None = None
+    session_properties: dict = field(default_factory=dict)  # as the served model's log states them
 
 
 def measure_candidates(
@@ -269,6 +185,7 @@ def measure_candidates(
     floor: PrecisionFloor,
     threads: int | None,
     streams: int | None,
+    instances: int = 1,
     batch_size: int = 32,
     seconds_per_candidate: float = 2.0,
     rounds: int = 2,
@@ -284,7 +201,7 @@ def measure_candidates(
     for runtime in runtimes:
         started = time.perf_counter()
         try:
-            embedder = open_embedder(runtime, graphs[runtime.graph], runtime.config_parameters(threads, streams))
+            embedder, properties = open_embedder(runtime, graphs[runtime.graph], runtime.config_parameters(threads, streams), instances)
             embeddings = np.concatenate([embedder(evaluation_images[i : i + batch_size])
                                          for i in range(0, len(evaluation_images), batch_size)])
         except Exception as exc:  # a runtime that cannot run this graph here is a measurement, not a crash
@@ -298,7 +215,7 @@ def measure_candidates(
         results[runtime.name] = RuntimeMeasurement(
             runtime=runtime.name, precision=runtime.precision, images_per_s=None, batch_size=batch_size,
             mean_cosine=agreement.mean_cosine, min_cosine=agreement.min_cosine, top1_agreement=agreement.top1_agreement,
-            within_floor=agreement.passed, setup_s=time.perf_counter() - started)
+            within_floor=agreement.passed, setup_s=time.perf_counter() - started, session_properties=properties)
     if seconds_per_candidate > 0:
         best: dict[str, float] = {name: 0.0 for name in opened}
         for _ in range(rounds):
@@ -335,6 +252,7 @@ class RuntimeChoice:
     cpu_capabilities: tuple[str, ...] = ()
     threads: int | None = None
     streams: int | None = None
+    instances: int = 1
     load_average_1min: float | None = None  # of the build machine while it measured
 
 
@@ -422,14 +340,14 @@ def read_runtime_choice(directory: Path) -> dict:
 class RuntimeSelection:
     """How a CPU build picks its runtime. `candidates` None: every runtime this machine can run."""
 
-    runtime: str = BASELINE_RUNTIME  # or "auto"
+    runtime: str = DEFAULT_RUNTIME  # a name from RUNTIMES, or "auto"
     candidates: tuple[str, ...] | None = None
     floor: PrecisionFloor = SERVING_FLOOR
-    batch_size: int = 32
+    batch_size: int = 32  # at most: a build measures at min(this, the served max batch size)
     seconds_per_candidate: float = 2.0
     evaluation_images: int = 32
     calibration_images: int = 32
-    calibration_method: str = "minmax"
+    calibration_method: str = CPU_CALIBRATION_METHOD
     eval_dir: Path | None = None
     calib_dir: Path | None = None
 
@@ -444,8 +362,8 @@ class RuntimeSelection:
             raise ValueError("need batch_size >= 1, >= 2 evaluation images and >= 1 calibration image")
         if self.seconds_per_candidate < 0:
             raise ValueError(f"seconds_per_candidate must be >= 0, got {self.seconds_per_candidate}")
-        if self.calibration_method not in INT8_CALIBRATION_METHODS:
-            raise ValueError(f"calibration method must be one of {INT8_CALIBRATION_METHODS}")
+        if self.calibration_method not in CALIBRATION_METHODS:
+            raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}, got {self.calibration_method!r}")
 
 
 def resolve_candidates(selection: RuntimeSelection, capabilities: frozenset[str], has_openvino: bool) -> list[CpuRuntime]:

@@ -62,12 +62,19 @@ def read_checkpoint(path: str | Path) -> Mapping[str, torch.Tensor]:
     Loaded with `weights_only=True`: a checkpoint is untrusted input and must not run code.
     """
     path = Path(path)
+    if not path.is_file():
+        raise CheckpointMismatchError(f"checkpoint {path} does not exist" if not path.exists() else f"checkpoint {path} is not a file")
+    if path.stat().st_size == 0:
+        raise CheckpointMismatchError(f"checkpoint {path} is empty (0 bytes): an interrupted download or copy?")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointMismatchError(f"checkpoint {path} does not exist") from None
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for unusable files
-        raise CheckpointMismatchError(f"checkpoint {path} cannot be read safely: {exc}") from exc
+        # Some of them carry no message at all (EOFError on a truncated file): name the type.
+        reason = f"{type(exc).__name__}: {exc}".rstrip(": ")
+        raise CheckpointMismatchError(
+            f"checkpoint {path} cannot be read safely ({reason}); expected a file written by torch.save "
+            "holding a state_dict, or a dict with 'state_dict'"
+        ) from exc
     if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("state_dict"), Mapping):
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, Mapping) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
@@ -102,6 +109,11 @@ def load_torchreid_checkpoint(model: nn.Module, path: str | Path) -> None:
             f"checkpoint {path} does not fit {type(model).__name__}"
             f" (is it another variant?):\n{_describe_keys('missing', missing)}"
             f"{_describe_keys('unexpected', unexpected)}{_describe_keys('mis-shaped', misshaped)}"
+        )
+    non_finite = sorted(key for key, value in state_dict.items() if value.is_floating_point() and not torch.isfinite(value).all())
+    if non_finite:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} holds NaN or Inf weights (diverged training?):\n{_describe_keys('non-finite', non_finite)}"
         )
     model.load_state_dict(state_dict, strict=True)
     logger.info("loaded %d tensors from %s", len(state_dict), path)

@@ -46,14 +46,21 @@ def tensorrt_unavailable_reason() -> str | None:
     return None
 
 
+# The batch TensorRT tunes its tactics for, when the profile allows it: what a busy server's dynamic
+# batcher forms; a smaller served maximum tunes for that maximum instead.
+DEFAULT_OPT_BATCH_SIZE = 32
+
+
 @dataclass(kw_only=True)
 class EngineBuildSettings:
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
-    opt_batch_size: int = 32
+    opt_batch_size: int | None = None  # None: min(DEFAULT_OPT_BATCH_SIZE, max_batch_size)
     workspace_bytes: int = 4 << 30
     timing_cache: Path | None = None
 
     def __post_init__(self) -> None:
+        if self.opt_batch_size is None:
+            self.opt_batch_size = min(DEFAULT_OPT_BATCH_SIZE, self.max_batch_size)
         if not 1 <= self.opt_batch_size <= self.max_batch_size:
             raise ValueError(f"need 1 <= opt_batch_size ({self.opt_batch_size}) <= max_batch_size ({self.max_batch_size})")
 

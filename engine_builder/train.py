@@ -34,6 +34,7 @@ from torch import nn
 
 from reid.evaluation import RetrievalMetrics, chance_level, evaluate_retrieval
 from reid.market1501 import GALLERY_DIR, JUNK_PID, QUERY_DIR, TRAIN_DIR, MarketSplit, read_market_split
+from osnet_base.arguments import add_dataclass_arguments, dataclass_from_arguments
 from osnet_base.errors import OsnetTritonError
 from engine_builder.models import VARIANTS, create_osnet
 from osnet_base.contract import INPUT_HEIGHT, INPUT_WIDTH
@@ -348,12 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine_builder.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="Market-1501-layout root (bounding_box_train, query, bounding_box_test)")
     parser.add_argument("--output", type=Path, required=True, help="checkpoint to write (.pth); the metrics go beside it (.json)")
-    for field, value in asdict(TrainSettings()).items():
-        flag = f"--{field.replace('_', '-')}"
-        if isinstance(value, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=f"(default: {value})")
-        else:
-            parser.add_argument(flag, type=type(value), default=value, help=f"(default: {value})")
+    add_dataclass_arguments(parser.add_argument_group("training"), TrainSettings)
     return parser
 
 
@@ -362,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        settings = TrainSettings(**{field: getattr(args, field) for field in asdict(TrainSettings())})
+        settings = dataclass_from_arguments(TrainSettings, args)
         command = shlex.join(["python", "-m", "engine_builder.train", *argv])
         result = train(args.data, args.output, settings, command=command)
     except (OsnetTritonError, ValueError) as exc:

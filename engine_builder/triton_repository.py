@@ -24,6 +24,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
+from engine_builder import cpu_sessions
 from engine_builder.cpu_runtimes import PRECISION_ORDER, CpuRuntime
 from osnet_base import contract
 from osnet_base.contract import (
@@ -43,7 +44,8 @@ logger = logging.getLogger(__name__)
 
 PYTHON_MODEL_SOURCES = Path(__file__).resolve().parent.parent / "triton_repo"
 # Modules every python-backend model finds beside its model.py (the stub puts that folder on sys.path).
-PYTHON_HELPER_MODULES = (PYTHON_MODEL_SOURCES / "batched_responses.py", Path(contract.__file__))
+PYTHON_HELPER_MODULES = (PYTHON_MODEL_SOURCES / "batched_responses.py", Path(contract.__file__), Path(cpu_sessions.__file__))
+CPU_TENSOR_MODEL_SOURCE = "cpu_embedder.py"  # every CPU runtime: the config parameter ENGINE picks one
 # A 4K frame is 8.3 MP; anything far larger sent as a person crop is a mistake or an attack.
 DEFAULT_MAX_IMAGE_PIXELS = 16_000_000
 
@@ -197,7 +199,7 @@ def write_cpu_models(repository: Path, variant: str, settings: CpuRepositorySett
     """
     tensor_model = tensor_model_name(variant, runtime.precision)
     parameters = runtime.config_parameters(settings.threads_per_instance(), settings.streams)
-    write_model(repository, cpu_tensor_model_config(tensor_model, settings, parameters), runtime.python_source)
+    write_model(repository, cpu_tensor_model_config(tensor_model, settings, parameters), CPU_TENSOR_MODEL_SOURCE)
     write_ensemble(repository, tensor_model, settings)
     for precision in PRECISION_ORDER:
         stale = repository / tensor_model_name(variant, precision)
@@ -267,16 +269,20 @@ def write_tensorrt_model(
 
 
 def write_tensorrt_models(
-    repository: Path, variant: str, plans: Mapping[str, Path], settings: GpuRepositorySettings, jit_plugins: bool,
-    report_dir: Path | None = None,
+    repository: Path, variant: str, plans: Mapping[str, Path], settings: GpuRepositorySettings, *,
+    preprocess: CpuRepositorySettings, jit_plugins: bool, report_dir: Path | None = None,
 ) -> str:
     """Install each precision's plan as `<variant>_trt_<precision>` and point the `osnet` ensemble at
     INT8 if it was built (it passed its precision floor, and it is the lighter engine), else FP16.
+    `preprocess` serves the ensemble's first step, as in a CPU build of the same settings.
     The CPU tensor model stays, under its own name. Returns the model the ensemble now runs."""
     if not plans or set(plans) - {"fp16", "int8"}:
         raise ValueError(f"TensorRT plans are fp16 and/or int8, got {sorted(plans)}")
     for precision, plan in plans.items():
         write_tensorrt_model(repository, tensorrt_model_name(variant, precision), plan, settings, jit_plugins, report_dir)
     served = tensorrt_model_name(variant, "int8" if "int8" in plans else "fp16")
-    write_ensemble(repository, served, CpuRepositorySettings(max_batch_size=settings.max_batch_size, execution_env=settings.execution_env))
+    if preprocess.max_batch_size != settings.max_batch_size:
+        raise ValueError(f"preprocess and the engines must take the same max batch size, got {preprocess.max_batch_size} "
+                         f"and {settings.max_batch_size}")
+    write_ensemble(repository, served, preprocess)
     return served

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from osnet_base.contract import DEFAULT_URL
+from osnet_base.arguments import add_dataclass_arguments, dataclass_from_arguments
 from osnet_base.errors import OsnetTritonError
 
 DEFAULT_OUTPUT_ROOT = Path("loadtest_output")
@@ -34,23 +34,27 @@ def _user_counts(text: str) -> list[int]:
     return counts
 
 
-def add_target_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("target")
-    group.add_argument("--url", default=DEFAULT_URL, help="Triton gRPC host:port (default: %(default)s)")
-    group.add_argument("--scenario", choices=["ensemble", "tensor"], default="ensemble",
-                       help="ensemble: JPEG bytes to the `osnet` ensemble; tensor: preprocessed tensors to the tensor model (default: %(default)s)")  # fmt: skip
-    group.add_argument("--model", help="model to call (default: osnet for ensemble; the one served tensor model for tensor)")
-    group.add_argument("--batch-size", type=int, default=1, help="images per request (default: %(default)s)")
+# What each LoadTestSettings field means to someone at a terminal; the flags, types and defaults are the dataclass's.
+FLAG_HELP = {
+    "url": "Triton gRPC host:port",
+    "scenario": "ensemble: JPEG bytes to the `osnet` ensemble; tensor: preprocessed tensors to the tensor model",
+    "model": "model to call (None: osnet for ensemble; the one served tensor model for tensor)",
+    "batch_size": "images per request",
+    "spawn_rate": "users started per second (None: all within the first second)",
+    "duration_s": "seconds of load per run",
+    "workers": "locust worker processes under one master; 0 runs a single process",
+    "image_pool": "distinct images cycled through",
+    "request_timeout_s": "deadline of one call",
+    "grace_s": "time beyond --duration-s allowed to start and stop before everything is killed",
+    "check_target": "one real request before the run, for a clear error instead of a run of failures",
+}
 
 
-def add_load_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("load")
-    group.add_argument("--duration-s", type=int, default=20, help="seconds of load per run (default: %(default)s)")
-    group.add_argument("--spawn-rate", type=float, help="users started per second (default: all within the first second)")
-    group.add_argument("--workers", type=int, default=0, help="locust worker processes under one master; 0 runs a single process (default: %(default)s)")
-    group.add_argument("--image-pool", type=int, default=64, help="distinct images cycled through (default: %(default)s)")
-    group.add_argument("--request-timeout-s", type=float, default=10.0, help="deadline of one call (default: %(default)s)")
-    group.add_argument("--grace-s", type=float, default=30.0, help="time beyond --duration-s allowed to start and stop before everything is killed (default: %(default)s)")
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    from loadtest.runner import LoadTestSettings
+
+    group = parser.add_argument_group("load test")
+    add_dataclass_arguments(group, LoadTestSettings, exclude=("output_dir", "users"), help=FLAG_HELP)
     group.add_argument("--output", type=Path, help=f"report folder (default: {DEFAULT_OUTPUT_ROOT}/<command>-<time>)")
 
 
@@ -59,15 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="one headless load test", description="One headless locust run against Triton over gRPC.")
-    add_target_arguments(run)
-    add_load_arguments(run)
+    add_settings_arguments(run)
     run.add_argument("--users", type=int, default=4, help="concurrent closed-loop users = requests in flight (default: %(default)s)")
+    run.set_defaults(run=run_once)
     sweep = commands.add_parser("sweep", help="step the user count and report the knee",
                                 description="One run per user count; the knee is the most images/s whose p99 stays under the objective.")  # fmt: skip
-    add_target_arguments(sweep)
-    add_load_arguments(sweep)
+    add_settings_arguments(sweep)
     sweep.add_argument("--users", type=_user_counts, default=[1, 2, 4, 8], help="comma-separated user counts (default: 1,2,4,8)")
     sweep.add_argument("--p99-objective-ms", type=float, default=100.0, help="latency objective for the knee (default: %(default)s)")
+    sweep.set_defaults(run=run_sweep_command)
     return parser
 
 
@@ -75,38 +79,33 @@ def load_settings(args: argparse.Namespace, users: int):
     from loadtest.runner import LoadTestSettings
 
     output = args.output or DEFAULT_OUTPUT_ROOT / f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return LoadTestSettings(
-        output_dir=output,
-        url=args.url,
-        scenario=args.scenario,
-        model=args.model,
-        batch_size=args.batch_size,
-        users=users,
-        spawn_rate=args.spawn_rate,
-        duration_s=args.duration_s,
-        workers=args.workers,
-        image_pool=args.image_pool,
-        request_timeout_s=args.request_timeout_s,
-        grace_s=args.grace_s,
-    )
+    return dataclass_from_arguments(LoadTestSettings, args, output_dir=output, users=users)
+
+
+def run_once(args: argparse.Namespace) -> int:
+    from loadtest.runner import format_summary, run_load_test
+
+    summary = run_load_test(load_settings(args, args.users))
+    print(format_summary(summary))
+    return 0 if summary.passed else 1
+
+
+def run_sweep_command(args: argparse.Namespace) -> int:
+    from loadtest.runner import SweepSettings, format_sweep, run_sweep
+
+    # A distributed sweep step cannot have more workers than users: steps use min(workers, users).
+    base = load_settings(args, max(args.users))
+    result = run_sweep(SweepSettings(base=base, user_counts=args.users, p99_objective_ms=args.p99_objective_ms))
+    print(format_sweep(result))
+    print(f"reports: {result.files['table']}, {result.files['plot']}, and one folder per step")
+    return 0 if result.passed else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from loadtest.runner import SweepSettings, format_summary, format_sweep, run_load_test, run_sweep
-
     try:
-        if args.command == "run":
-            summary = run_load_test(load_settings(args, args.users))
-            print(format_summary(summary))
-            return 0 if summary.passed else 1
-        # A distributed sweep step cannot have more workers than users: steps use min(workers, users).
-        base = load_settings(args, max(args.users))
-        result = run_sweep(SweepSettings(base=base, user_counts=args.users, p99_objective_ms=args.p99_objective_ms))
-        print(format_sweep(result))
-        print(f"reports: {result.files['table']}, {result.files['plot']}, and one folder per step")
-        return 0 if result.passed else 1
+        return args.run(args)
     except (OsnetTritonError, ValueError) as exc:
         print(f"osnet-loadtest: error: {exc}", file=sys.stderr)
         return 1

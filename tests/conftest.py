@@ -21,8 +21,11 @@ def served_weights():
 @pytest.fixture(scope="session")
 def served_repository(tmp_path_factory, served_weights):
     from engine_builder.build import build_cpu_repository
+    from engine_builder.cpu_runtimes import BASELINE_RUNTIME, RuntimeSelection
 
-    return build_cpu_repository(SERVED_VARIANT, tmp_path_factory.mktemp("triton_repo"), served_weights)
+    # An explicit runtime: what `auto` picks depends on timings, and the tests' answers must not.
+    return build_cpu_repository(SERVED_VARIANT, tmp_path_factory.mktemp("triton_repo"), served_weights,
+                                selection=RuntimeSelection(runtime=BASELINE_RUNTIME))
 
 
 @pytest.fixture(scope="session")

@@ -37,6 +37,7 @@ from engine_builder.cpu_runtimes import (
 )
 from engine_builder.precision import PrecisionFloor
 from engine_builder.triton_repository import (
+    CPU_TENSOR_MODEL_SOURCE,
     CpuRepositorySettings,
     cpu_tensor_model_config,
     parse_config,
@@ -159,7 +160,8 @@ def test_openvino_config_carries_its_properties_and_the_batcher_its_preferred_si
     config = parse_config((tmp_path / name / "config.pbtxt").read_text())
     assert name == "osnet_x0_25_bf16" and served_tensor_model(tmp_path) == name
     assert {k: v.string_value for k, v in config.parameters.items() if k != "EXECUTION_ENV_PATH"} == {
-        "INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": "2", "INFERENCE_NUM_THREADS": "2"}
+        "ENGINE": "openvino", "INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": "2",
+        "INFERENCE_NUM_THREADS": "2"}
     assert list(config.dynamic_batching.preferred_batch_size) == [32]
     assert "OpenVINO" in (tmp_path / name / "1" / "model.py").read_text()
 
@@ -246,7 +248,7 @@ def every_runtime_server(tmp_path_factory, x0_25):
             continue
         settings = CpuRepositorySettings(max_batch_size=32, streams=streams, instances=instances)
         config = cpu_tensor_model_config(name, settings, runtime.config_parameters(None, streams))
-        version_dir = write_model(repository, config, runtime.python_source)
+        version_dir = write_model(repository, config, CPU_TENSOR_MODEL_SOURCE)
         shutil.copyfile(graphs[runtime.graph], version_dir / "model.onnx")
     with TritonServerProcess(TritonServerConfig(model_repository=repository)) as server:
         yield server
@@ -283,15 +285,41 @@ def test_concurrent_requests_split_over_streams_each_get_their_own_embedding(eve
     assert np.sum(served * reference, axis=1).min() >= 0.9999
 
 
+def served_session_properties(log: str, model: str) -> list[dict]:
+    """What each instance of `model` logged it runs (cpu_sessions.describe_session)."""
+    marker = "; session properties: "
+    lines = [line.split(marker, 1)[1].rstrip('"') for line in log.splitlines() if f"{model}: " in line and marker in line]
+    return [dict(item.split("=", 1) for item in line.split(", ")) for line in lines]
+
+
 @pytest.mark.server
 @needs_openvino
 def test_openvino_pins_threads_only_when_it_is_the_only_instance(every_runtime_server):
     # Instances are separate processes: with pinning, each would pin its streams to the same first cores.
-    started = [line for line in every_runtime_server.log_tail(4000).splitlines() if ": OpenVINO " in line]
-    two = [line for line in started if "ov_int8_two_instances: OpenVINO" in line]
-    one = [line for line in started if "ov_int8: OpenVINO" in line]
-    assert len(two) == 2 and all("'ENABLE_CPU_PINNING': 'NO'" in line for line in two), started
-    assert len(one) == 1 and "ENABLE_CPU_PINNING" not in one[0], started
+    log = every_runtime_server.log_tail(4000)
+    two, one = served_session_properties(log, "ov_int8_two_instances"), served_session_properties(log, "ov_int8")
+    assert len(two) == 2 and all(properties["ENABLE_CPU_PINNING"] == "NO" for properties in two), log
+    assert len(one) == 1 and "ENABLE_CPU_PINNING" not in one[0], log
+
+
+@pytest.mark.server
+@needs_openvino
+@pytest.mark.parametrize("instances", [1, 2])
+def test_runtime_choice_measured_the_session_the_server_runs(tmp_path, instances):
+    from engine_builder.build import build_cpu_repository
+
+    repository = build_cpu_repository(
+        VARIANT, tmp_path / "repository", settings=CpuRepositorySettings(max_batch_size=16, instances=instances),
+        selection=RuntimeSelection(runtime="openvino-fp32", evaluation_images=8))
+    model = served_tensor_model(repository)
+    choice = read_runtime_choice(repository / model)
+    measured = choice["measurements"][0]["session_properties"]
+    assert choice["measurements"][0]["batch_size"] == 16  # the served maximum, not 32
+    assert choice["instances"] == instances and measured["INFERENCE_PRECISION_HINT"] == "f32"
+    assert ("ENABLE_CPU_PINNING" in measured) == (instances > 1)
+    with TritonServerProcess(TritonServerConfig(model_repository=repository)) as server:
+        served = served_session_properties(server.log_tail(4000), model)
+    assert served == [measured] * instances
 
 
 @pytest.mark.server
@@ -328,3 +356,30 @@ def test_auto_without_bf16_serves_its_choice_through_the_ensemble(tmp_path, x0_2
     with pytest.raises(RuntimeSelectionError, match="onnxruntime-int8 drifts too far from PyTorch FP32"):
         build_cpu_repository(VARIANT, repository, settings=CpuRepositorySettings(max_batch_size=32), selection=strict)
     assert served_tensor_model(repository) == served and json.dumps(read_runtime_choice(repository / served)) == before
+
+
+def activation_scales(graph_path: Path) -> dict[str, float]:
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(graph_path).graph
+    initializers = {tensor.name: numpy_helper.to_array(tensor) for tensor in graph.initializer}
+    # Activations are quantized per tensor: a scalar scale on each QuantizeLinear of a non-weight input.
+    return {node.input[0]: float(initializers[node.input[1]]) for node in graph.node
+            if node.op_type == "QuantizeLinear" and node.input[0] not in initializers and initializers[node.input[1]].size == 1}
+
+
+def test_calib_method_entropy_changes_the_cpu_int8_graph(tmp_path, x0_25):
+    from engine_builder.build import make_cpu_graphs
+
+    scales = {}
+    for method in ("minmax", "entropy"):
+        graphs = make_cpu_graphs(x0_25, {"fp32", "int8"}, tmp_path / method,
+                                 RuntimeSelection(calibration_images=8, calibration_method=method))
+        scales[method] = activation_scales(graphs["int8"])
+    assert scales["minmax"].keys() == scales["entropy"].keys() and len(scales["minmax"]) > 50
+    changed = [name for name in scales["minmax"] if not np.isclose(scales["minmax"][name], scales["entropy"][name])]
+    # Entropy calibration clips long tails that minmax keeps (ONNX Runtime's own entropy settings
+    # changed none: see precision.ENTROPY_HISTOGRAM); it never widens a range.
+    assert len(changed) > len(scales["minmax"]) / 5
+    assert all(scales["entropy"][name] <= scales["minmax"][name] * (1 + 1e-6) for name in scales["minmax"])

@@ -36,8 +36,10 @@ LOADTEST_VARIANT = "osnet_x0_25"
 @pytest.fixture(scope="module")
 def loadtest_repository(tmp_path_factory):
     from engine_builder.build import build_cpu_repository
+    from engine_builder.cpu_runtimes import BASELINE_RUNTIME, RuntimeSelection
 
-    return build_cpu_repository(LOADTEST_VARIANT, tmp_path_factory.mktemp("loadtest_repo"))
+    return build_cpu_repository(LOADTEST_VARIANT, tmp_path_factory.mktemp("loadtest_repo"),
+                                selection=RuntimeSelection(runtime=BASELINE_RUNTIME))
 
 
 @pytest.fixture(scope="module")

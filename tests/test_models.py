@@ -101,3 +101,23 @@ def test_checkpoint_with_code_is_refused_not_executed(tmp_path, capsys):
 def test_missing_checkpoint_file(tmp_path):
     with pytest.raises(CheckpointMismatchError, match="does not exist"):
         create_osnet("osnet_x0_25", weights=tmp_path / "absent.pth")
+
+
+def test_empty_or_text_checkpoint_says_why_it_cannot_be_read(tmp_path):
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointMismatchError, match=r"is empty \(0 bytes\)"):
+        create_osnet("osnet_x0_25", weights=empty)
+    text = tmp_path / "notes.pth"
+    text.write_text("these are not weights\n")
+    with pytest.raises(CheckpointMismatchError, match=r"cannot be read safely \(\w+Error: .+\)"):
+        create_osnet("osnet_x0_25", weights=text)
+
+
+def test_nan_weights_are_named_as_such(tmp_path):
+    state = create_osnet("osnet_x0_25").state_dict()
+    state["conv1.conv.weight"][0, 0, 0, 0] = float("nan")
+    path = tmp_path / "diverged.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointMismatchError, match=r"NaN or Inf weights[\s\S]*conv1\.conv\.weight"):
+        create_osnet("osnet_x0_25", weights=path)

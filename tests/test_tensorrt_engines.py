@@ -14,10 +14,11 @@ UNAVAILABLE = tensorrt_unavailable_reason()
 def test_fp16_and_int8_engines_with_and_without_plugins_match_fp32(tmp_path):
     from engine_builder.build import PrecisionBuildSettings, build_precision_graphs
     from engine_builder.check_trt import check_engines
+    from engine_builder.tensorrt_build import EngineBuildSettings
     from engine_builder.precision import DEFAULT_FLOORS
 
     graphs = build_precision_graphs("osnet_x1_0", tmp_path, settings=PrecisionBuildSettings(calibration_images=32, evaluation_images=32))
-    checks = check_engines(graphs, tmp_path, batch_sizes=[1, 32], eval_dir=None, max_batch_size=64)
+    checks = check_engines(graphs, tmp_path, batch_sizes=[1, 32], eval_dir=None, settings=EngineBuildSettings(max_batch_size=64))
     assert len(checks) == 4
     for check in checks:
         floor = DEFAULT_FLOORS[check.precision]

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 from tritonclient.grpc import model_config_pb2 as pb
 
-from engine_builder.cli import main
+from engine_builder.cli import check_trt_main, main
 from engine_builder.tensorrt_build import tensorrt_unavailable_reason
 from engine_builder.triton_repository import GpuRepositorySettings, parse_config, render_config, tensorrt_model_config
 from kernels import launch, tensorrt_plugins
@@ -92,22 +92,27 @@ def test_engines_sit_beside_the_cpu_model_and_the_ensemble_runs_int8(tmp_path):
     for precision in ("fp16", "int8"):
         plans[precision] = tmp_path / f"{precision}.plan"
         plans[precision].write_bytes(precision.encode())
-    served = write_tensorrt_models(tmp_path, "osnet_x1_0", plans, GpuRepositorySettings(max_batch_size=32), jit_plugins=False)
+    served = write_tensorrt_models(tmp_path, "osnet_x1_0", plans, GpuRepositorySettings(max_batch_size=32),
+                                   preprocess=CpuRepositorySettings(max_batch_size=32, instances=2), jit_plugins=False)
     assert served == "osnet_x1_0_trt_int8" == served_tensor_model(tmp_path)
     assert (tmp_path / "osnet_x1_0_trt_fp16" / "1" / "model.plan").read_bytes() == b"fp16"
     assert parse_config((tmp_path / served / "config.pbtxt").read_text()).platform == "tensorrt_plan"
     assert (tmp_path / cpu_model / "config.pbtxt").read_text() == cpu_config  # osnet_x1_0_int8, on the CPU, untouched
     ensemble = parse_config((tmp_path / "osnet" / "config.pbtxt").read_text())
     assert ensemble.max_batch_size == 32 and (tmp_path / "preprocess" / "1" / "model.py").is_file()
+    # --instances 2 reaches preprocess too, not only the engines
+    assert parse_config((tmp_path / "preprocess" / "config.pbtxt").read_text()).instance_group[0].count == 2
     serving_env = Path("/opt/osnet-serving-venv")  # where the python backend finds its packages on the serving machine
     only_fp16 = write_tensorrt_models(tmp_path / "gpu_only", "osnet_x1_0", {"fp16": plans["fp16"]},
-                                      GpuRepositorySettings(execution_env=serving_env), jit_plugins=True)
+                                      GpuRepositorySettings(execution_env=serving_env),
+                                      preprocess=CpuRepositorySettings(execution_env=serving_env), jit_plugins=True)
     assert only_fp16 == served_tensor_model(tmp_path / "gpu_only") == "osnet_x1_0_trt_fp16"
     for model in (only_fp16, "preprocess"):
         config = parse_config((tmp_path / "gpu_only" / model / "config.pbtxt").read_text())
         assert config.parameters["EXECUTION_ENV_PATH"].string_value == str(serving_env)
     with pytest.raises(ValueError, match="fp16 and/or int8"):
-        write_tensorrt_models(tmp_path, "osnet_x1_0", {"fp32": plans["fp16"]}, GpuRepositorySettings(), jit_plugins=False)
+        write_tensorrt_models(tmp_path, "osnet_x1_0", {"fp32": plans["fp16"]}, GpuRepositorySettings(),
+                              preprocess=CpuRepositorySettings(), jit_plugins=False)
 
 
 @pytest.mark.skipif(tensorrt_unavailable_reason() is None, reason="TensorRT is installed here: the engine step runs instead")
@@ -118,5 +123,5 @@ def test_without_tensorrt_the_build_writes_graphs_and_says_why_no_engine(tmp_pat
     assert (tmp_path / "work" / "precision_report.md").is_file()
     assert "engines not built: TensorRT is not installed" in capsys.readouterr().err
     assert not (tmp_path / "repo").exists()
-    assert main(["check-trt", "--variant", "osnet_x0_25"]) == 1
+    assert check_trt_main(["--variant", "osnet_x0_25"]) == 1
     assert "check-trt needs TensorRT and a GPU" in capsys.readouterr().err
