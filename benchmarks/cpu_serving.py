@@ -203,7 +203,7 @@ def benchmark_variant(variant: str, seconds: float, rounds: int, workdir: Path, 
         print(f"  {variant:<12} {runtime:<17} {path:<32} batch {batch:>2} x {clients}: {rate:8.1f} img/s{cosine}"
               f"  (others: {foreign:.2f} cores)", flush=True)
 
-    selection = RuntimeSelection(runtime="auto")
+    selection = RuntimeSelection()  # --runtime auto, as osnet-build
     # What `osnet-build` serves without --weights: precision depends on the weights, speed does not.
     weights = default_weights(variant)
     print(f"  {variant}: {weights or 'seeded random weights'}", flush=True)

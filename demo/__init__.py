@@ -51,7 +51,7 @@ def run_demo(variant: str, repository: Path, output: Path, burst_images: int, we
 
     started = time.perf_counter()
     # What osnet-build does by default, so the demo serves what a user's build would.
-    build_cpu_repository(variant, repository, weights, selection=RuntimeSelection(runtime="auto"))
+    build_cpu_repository(variant, repository, weights, selection=RuntimeSelection())  # --runtime auto
     tensor_model = served_tensor_model(repository)
     choice = read_runtime_choice(repository / tensor_model)
     print(f"\n[1/5] built {repository}/ ({variant}, export checked against PyTorch) in {time.perf_counter() - started:.1f} s")

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from osnet_base.contract import FEATURE_DIM, INPUT_HEIGHT, INPUT_WIDTH
 from osnet_base.errors import CheckpointMismatchError, UnknownVariantError
 from engine_builder.osnet import OSNet
 from engine_builder.osnet_ain import OSNetAIN

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from osnet_base.contract import FEATURE_DIM
+
 
 class ConvLayer(nn.Module):
     """Convolution + BatchNorm (or affine InstanceNorm) + ReLU."""
@@ -159,7 +161,7 @@ def init_osnet_parameters(model: nn.Module) -> None:
 class OSNet(nn.Module):
     """OSNet backbone + `fc` embedding head; `forward` returns torchreid's eval feature."""
 
-    def __init__(self, channels: tuple[int, int, int, int], instance_norm: bool = False, feature_dim: int = 512):
+    def __init__(self, channels: tuple[int, int, int, int], instance_norm: bool = False, feature_dim: int = FEATURE_DIM):
         super().__init__()
         self.feature_dim = feature_dim
         self.conv1 = ConvLayer(3, channels[0], 7, stride=2, padding=3, instance_norm=instance_norm)

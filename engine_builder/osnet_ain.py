@@ -22,6 +22,7 @@ from engine_builder.osnet import (
     build_embedding_head,
     init_osnet_parameters,
 )
+from osnet_base.contract import FEATURE_DIM
 
 
 class LightConvStream(nn.Module):
@@ -77,7 +78,7 @@ AIN_STAGE_INSTANCE_NORM = ((True, True), (False, True), (True, False))
 class OSNetAIN(nn.Module):
     """OSNet-AIN backbone + `fc` embedding head; `forward` returns torchreid's eval feature."""
 
-    def __init__(self, channels: tuple[int, int, int, int], feature_dim: int = 512):
+    def __init__(self, channels: tuple[int, int, int, int], feature_dim: int = FEATURE_DIM):
         super().__init__()
         self.feature_dim = feature_dim
         self.conv1 = ConvLayer(3, channels[0], 7, stride=2, padding=3, instance_norm=True)

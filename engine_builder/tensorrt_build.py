@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from osnet_base.contract import DEFAULT_MAX_BATCH_SIZE, EMBEDDING_NAME, FEATURES_NAME, INPUT_HEIGHT, INPUT_NAME, INPUT_WIDTH
+from osnet_base.contract import DEFAULT_MAX_BATCH_SIZE, EMBEDDING_NAME, FEATURE_DIM, FEATURES_NAME, INPUT_HEIGHT, INPUT_NAME, INPUT_WIDTH
 from osnet_base.errors import OsnetTritonError
 
 logger = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ class EngineRunner:
         cp = self._cupy
         batch = cp.asarray(np.ascontiguousarray(images, dtype=np.float32))
         self.context.set_input_shape(INPUT_NAME, batch.shape)
-        outputs = {name: cp.empty((len(images), 512), dtype=cp.float32) for name in (FEATURES_NAME, EMBEDDING_NAME)}
+        outputs = {name: cp.empty((len(images), FEATURE_DIM), dtype=cp.float32) for name in (FEATURES_NAME, EMBEDDING_NAME)}
         self.context.set_tensor_address(INPUT_NAME, batch.data.ptr)
         for name, array in outputs.items():
             self.context.set_tensor_address(name, array.data.ptr)
@@ -172,7 +172,7 @@ class EngineRunner:
     def images_per_second(self, batch_size: int, seconds: float = 2.0) -> float:
         cp = self._cupy
         images = cp.random.standard_normal((batch_size, 3, INPUT_HEIGHT, INPUT_WIDTH), dtype=cp.float32)
-        outputs = [cp.empty((batch_size, 512), dtype=cp.float32) for _ in range(2)]
+        outputs = [cp.empty((batch_size, FEATURE_DIM), dtype=cp.float32) for _ in range(2)]
         self.context.set_input_shape(INPUT_NAME, images.shape)
         self.context.set_tensor_address(INPUT_NAME, images.data.ptr)
         for name, array in zip((FEATURES_NAME, EMBEDDING_NAME), outputs):

@@ -1,10 +1,17 @@
 """The repository osnet-build writes: layout and configs that parse with Triton's own schema."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 from tritonclient.grpc import model_config_pb2
 
-from engine_builder.triton_repository import CpuRepositorySettings, parse_config
+from engine_builder.cli import build_parser
+from engine_builder.cpu_runtimes import RUNTIMES
+from engine_builder.triton_repository import CpuRepositorySettings, parse_config, served_tensor_model, write_cpu_models
+
+VARIANT = "osnet_x0_25"
 
 
 def read_config(repository, model):
@@ -45,6 +52,55 @@ def test_preprocess_limits_image_size(served_repository):
 
 @pytest.mark.parametrize("bad", [{"max_batch_size": 0}, {"instances": 0}, {"intra_op_threads": 0}])
 def test_settings_refuse_nonsense(bad):
+    with pytest.raises(ValueError):
+        CpuRepositorySettings(**bad)
+
+
+def test_openvino_config_carries_its_properties_and_the_batcher_its_preferred_sizes(tmp_path):
+    settings = CpuRepositorySettings(intra_op_threads=2, streams=2, preferred_batch_sizes=(32,))
+    name = write_cpu_models(tmp_path, VARIANT, settings, RUNTIMES["openvino-bf16"])
+    config = parse_config((tmp_path / name / "config.pbtxt").read_text())
+    assert name == "osnet_x0_25_bf16" and served_tensor_model(tmp_path) == name
+    assert {k: v.string_value for k, v in config.parameters.items() if k != "EXECUTION_ENV_PATH"} == {
+        "ENGINE": "openvino", "INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": "2",
+        "INFERENCE_NUM_THREADS": "2"}
+    assert list(config.dynamic_batching.preferred_batch_size) == [32]
+    assert {p.name for p in (tmp_path / name / "1").iterdir()} >= {"model.py", "cpu_sessions.py", "contract.py", "batched_responses.py"}
+
+
+def test_a_new_choice_replaces_the_earlier_cpu_model_of_the_variant(tmp_path):
+    write_cpu_models(tmp_path, VARIANT, CpuRepositorySettings(), RUNTIMES["onnxruntime-fp32"])
+    other = write_cpu_models(tmp_path, "osnet_x1_0", CpuRepositorySettings(), RUNTIMES["onnxruntime-fp32"])
+    write_cpu_models(tmp_path, VARIANT, CpuRepositorySettings(), RUNTIMES["openvino-int8"])
+    assert not (tmp_path / "osnet_x0_25_fp32").exists() and (tmp_path / other).is_dir()
+    assert served_tensor_model(tmp_path) == "osnet_x0_25_int8"
+
+
+def test_several_instances_share_the_cores_out_unless_threads_are_given(tmp_path):
+    cores = len(os.sched_getaffinity(0))
+    assert CpuRepositorySettings().threads_per_instance() is None  # one instance: the runtime's own default
+    assert CpuRepositorySettings(instances=2).threads_per_instance() == max(1, cores // 2)
+    assert CpuRepositorySettings(instances=4 * cores).threads_per_instance() == 1
+    assert CpuRepositorySettings(instances=2, intra_op_threads=3).threads_per_instance() == 3
+    name = write_cpu_models(tmp_path, VARIANT, CpuRepositorySettings(instances=2), RUNTIMES["onnxruntime-fp32"])
+    config = parse_config((tmp_path / name / "config.pbtxt").read_text())
+    assert config.parameters["INTRA_OP_THREADS"].string_value == str(max(1, cores // 2))
+    assert config.instance_group[0].count == 2
+
+
+def test_python_env_defaults_to_the_building_venv_and_can_name_the_serving_one(tmp_path):
+    import sys
+
+    assert build_parser().parse_args([]).python_env == (Path(sys.prefix) if sys.prefix != sys.base_prefix else None)
+    args = build_parser().parse_args(["--python-env", "/srv/osnet-venv"])
+    name = write_cpu_models(tmp_path, VARIANT, CpuRepositorySettings(execution_env=args.python_env), RUNTIMES["onnxruntime-fp32"])
+    for model in (name, "preprocess"):
+        config = parse_config((tmp_path / model / "config.pbtxt").read_text())
+        assert config.parameters["EXECUTION_ENV_PATH"].string_value == "/srv/osnet-venv"
+
+
+@pytest.mark.parametrize("bad", [{"streams": 0}, {"preferred_batch_sizes": (0,)}, {"preferred_batch_sizes": (128,)}])
+def test_cpu_settings_refuse_more_nonsense(bad):
     with pytest.raises(ValueError):
         CpuRepositorySettings(**bad)
 

@@ -13,6 +13,7 @@ import numpy as np
 import tensorrt as trt
 import triton_python_backend_utils as pb_utils
 from batched_responses import error_responses, split_responses
+from contract import INPUT_NAME
 
 from kernels.tensorrt_plugins import register_plugins
 
@@ -33,12 +34,12 @@ class TritonPythonModel:
         self.feature_dim = int(config["output"][0]["dims"][0])
 
     def execute(self, requests):
-        inputs = [pb_utils.get_input_tensor_by_name(request, "INPUT").as_numpy() for request in requests]
+        inputs = [pb_utils.get_input_tensor_by_name(request, INPUT_NAME).as_numpy() for request in requests]
         try:
             batch = cupy.asarray(np.concatenate(inputs))
             outputs = {name: cupy.empty((len(batch), self.feature_dim), dtype=cupy.float32) for name in self.output_names}
-            self.context.set_input_shape("INPUT", batch.shape)
-            self.context.set_tensor_address("INPUT", batch.data.ptr)
+            self.context.set_input_shape(INPUT_NAME, batch.shape)
+            self.context.set_tensor_address(INPUT_NAME, batch.data.ptr)
             for name, array in outputs.items():
                 self.context.set_tensor_address(name, array.data.ptr)
             if not self.context.execute_async_v3(self.stream.ptr):
