@@ -10,9 +10,13 @@ cache-bound, not DRAM-bound.
 Whole model (FP16, 256x128 input): batch-1 latency and images/s at a large batch for PyTorch eager
 (cuDNN), eager + CUDA graphs, torch.compile(mode="max-autotune") (which uses CUDA graphs), the fused
 kernels + CUDA graphs, and torchvision ResNet-50 at the same input, eager and compiled the same way.
-torch.compile runs in a subprocess per model with a time limit, so a slow autotune cannot eat the run.
+torch.compile runs in a subprocess per model, after everything else, each under a time limit and all
+of them under --compile-budget-s, so a slow autotune cannot eat the run; --skip-compile leaves them out
+and --only-compile runs nothing else. The report (report.md, report.json under --out) is rewritten
+after every table and every model row, so a run cut short keeps what it measured.
 
-    PYTHONPATH=. python benchmarks/gpu_kernels.py --out "$OUT"
+    PYTHONPATH=. python benchmarks/gpu_kernels.py --out "$OUT" --skip-compile
+    PYTHONPATH=. python benchmarks/gpu_kernels.py --out "$OUT/compile" --only-compile
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import json
 import logging
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -249,9 +254,11 @@ def bench_gate(n: int, c: int, h: int, w: int, dtype: torch.dtype) -> tuple[floa
     return time_in_graph(fused) * 1e6, time_in_graph(eager) * 1e6
 
 
-def kernel_rows(info: DeviceInfo, batches: Sequence[int], dtypes: Sequence[torch.dtype]) -> list[KernelRow]:
+def kernel_rows(
+    info: DeviceInfo, batches: Sequence[int], dtypes: Sequence[torch.dtype], done: Callable[[KernelRow], None]
+) -> None:
+    """Every kernel at every stage shape and batch; `done` gets each row as it is measured."""
     resources = launch.prepare_kernels(torch.cuda.current_device())
-    rows: list[KernelRow] = []
     for dtype in dtypes:
         name = _dtype_name(dtype)
         for stage, c, h, w in STAGES:
@@ -261,7 +268,7 @@ def kernel_rows(info: DeviceInfo, batches: Sequence[int], dtypes: Sequence[torch
                     fused_us, torch_us = bench_depthwise(n, c, h, w, dtype, with_sums=with_sums)
                     moved = launch.bytes_moved_depthwise(n, c, h, w, name, with_sums=with_sums)
                     entry = launch.depthwise_entry_point(name, with_sums=with_sums)
-                    rows.append(
+                    done(
                         KernelRow(
                             op=entry,
                             dtype=name,
@@ -278,7 +285,7 @@ def kernel_rows(info: DeviceInfo, batches: Sequence[int], dtypes: Sequence[torch
                 fused_us, torch_us = bench_gate(n, c, h, w, dtype)
                 moved = launch.bytes_moved_gate(n, c, h, w, name)
                 entry = launch.gate_entry_point(name)
-                rows.append(
+                done(
                     KernelRow(
                         op=entry,
                         dtype=name,
@@ -293,7 +300,6 @@ def kernel_rows(info: DeviceInfo, batches: Sequence[int], dtypes: Sequence[torch
                 )
                 logger.info("%s %s: %.1f us (torch %.1f us)", entry, shape, fused_us, torch_us)
                 torch.cuda.empty_cache()
-    return rows
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -387,16 +393,19 @@ def compiled_row_in_subprocess(model_name: str, label: str, large_batch: int, mo
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
+    # A session of its own: on timeout the inductor's compile workers go down with it.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
     try:
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env, check=False)
+        stdout, stderr = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
         return ModelRow(label=label, note=f"compile+measure exceeded {timeout_s:.0f} s")
-    result = next(
-        (line[len(RESULT_PREFIX) :] for line in completed.stdout.splitlines() if line.startswith(RESULT_PREFIX)), None
-    )
-    if completed.returncode != 0 or result is None:
-        tail = (completed.stderr or completed.stdout).strip().splitlines()[-3:]
-        return ModelRow(label=label, note=f"failed (rc {completed.returncode}): {' | '.join(tail)}")
+    result = next((line[len(RESULT_PREFIX) :] for line in stdout.splitlines() if line.startswith(RESULT_PREFIX)), None)
+    if process.returncode != 0 or result is None:
+        tail = (stderr or stdout).strip().splitlines()[-3:]
+        return ModelRow(label=label, note=f"failed (rc {process.returncode}): {' | '.join(tail)}")
     data = json.loads(result)
     return ModelRow(
         label=label,
@@ -433,29 +442,31 @@ def compile_worker(model_name: str, large_batch: int, mode: str) -> int:
     return 0
 
 
-def _osnet_rows(large_batch: int) -> list[ModelRow]:
+def model_rows(large_batch: int, done: Callable[[ModelRow], None]) -> None:
+    """Eager, CUDA-graphed and fused osnet_x1_0, and eager ResNet-50; `done` gets each row as it is measured."""
     osnet = build_model("osnet_x1_0")
-    rows = [
-        measure("osnet_x1_0 PyTorch eager (cuDNN)", lambda b: eager_run(osnet, b), large_batch),
-        measure("osnet_x1_0 PyTorch eager + CUDA graphs", lambda b: graphed(osnet, b), large_batch),
-    ]
+    done(measure("osnet_x1_0 PyTorch eager (cuDNN)", lambda b: eager_run(osnet, b), large_batch))
+    done(measure("osnet_x1_0 PyTorch eager + CUDA graphs", lambda b: graphed(osnet, b), large_batch))
     fused = fuse_osnet(osnet)
-    rows.append(measure("osnet_x1_0 fused kernels + CUDA graphs", lambda b: graphed(fused, b), large_batch))
-    return rows
-
-
-def model_rows(large_batch: int, *, compile_mode: str | None, compile_timeout_s: float) -> list[ModelRow]:
-    rows = _osnet_rows(large_batch)
+    done(measure("osnet_x1_0 fused kernels + CUDA graphs", lambda b: graphed(fused, b), large_batch))
+    osnet = fused = None
     resnet = build_model("resnet50")
-    rows.append(measure("resnet50 PyTorch eager (cuDNN)", lambda b: eager_run(resnet, b), large_batch))
+    done(measure("resnet50 PyTorch eager (cuDNN)", lambda b: eager_run(resnet, b), large_batch))
     resnet = None  # free it before the compile subprocesses need the memory
     torch.cuda.empty_cache()
-    if compile_mode is not None:
-        for name in ("osnet_x1_0", "resnet50"):
-            label = f"{name} torch.compile({compile_mode})"
-            logger.info("%s: compiling in a subprocess (limit %.0f s)", label, compile_timeout_s)
-            rows.append(compiled_row_in_subprocess(name, label, large_batch, compile_mode, compile_timeout_s))
-    return rows
+
+
+def compiled_rows(large_batch: int, mode: str, timeout_s: float, budget_s: float, done: Callable[[ModelRow], None]) -> None:
+    """torch.compile of osnet_x1_0 and ResNet-50, one subprocess each, within `budget_s` in all."""
+    deadline = time.monotonic() + budget_s
+    for name in ("osnet_x1_0", "resnet50"):
+        label = f"{name} torch.compile({mode})"
+        limit = min(timeout_s, deadline - time.monotonic())
+        if limit < 10:
+            done(ModelRow(label=label, note=f"not run: the compile budget of {budget_s:.0f} s was spent"))
+            continue
+        logger.info("%s: compiling in a subprocess (limit %.0f s)", label, limit)
+        done(compiled_row_in_subprocess(name, label, large_batch, mode, limit))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -497,16 +508,52 @@ def render(info: DeviceInfo, kernels: Sequence[KernelRow], models: Sequence[Mode
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=None, help="directory for report.md and report.json")
+    parser.add_argument("--out", type=Path, default=None, help="directory for gpu_kernels_report.md and .json")
     parser.add_argument("--kernel-batches", type=int, nargs="+", default=list(KERNEL_BATCHES))
     parser.add_argument("--kernel-dtypes", nargs="+", default=["float16", "float32"], choices=["float16", "float32"])
     parser.add_argument("--model-batch", type=int, default=256, help="batch of the img/s column")
     parser.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode for the compiled rows")
-    parser.add_argument("--compile-timeout-s", type=float, default=300.0, help="limit per compiled model")
-    parser.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile rows")
+    parser.add_argument("--compile-timeout-s", type=float, default=240.0, help="limit per compiled model")
+    parser.add_argument("--compile-budget-s", type=float, default=360.0, help="limit for all compiled models together")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile rows")
+    which.add_argument("--only-compile", action="store_true", help="the torch.compile rows alone")
     parser.add_argument("--skip-models", action="store_true", help="kernel table only")
     parser.add_argument("--worker-compile", metavar="MODEL", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+class Report:
+    """The report so far, rewritten to --out after each table and each model row."""
+
+    def __init__(self, info: DeviceInfo, out: Path | None, large_batch: int):
+        self.info, self.out, self.large_batch = info, out, large_batch
+        self.kernels: list[KernelRow] = []
+        self.models: list[ModelRow] = []
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+
+    def add_kernel(self, row: KernelRow) -> None:
+        self.kernels.append(row)
+        self.write()
+
+    def add_model(self, row: ModelRow) -> None:
+        self.models.append(row)
+        self.write()
+
+    def render(self) -> str:
+        return render(self.info, self.kernels, self.models, self.large_batch)
+
+    def write(self) -> None:
+        if self.out is None:
+            return
+        (self.out / "gpu_kernels_report.md").write_text(self.render() + "\n")
+        payload = {
+            "device": asdict(self.info),
+            "kernels": [asdict(k) for k in self.kernels],
+            "models": [asdict(m) for m in self.models],
+        }
+        (self.out / "gpu_kernels_report.json").write_text(json.dumps(payload, indent=2, default=str))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -521,28 +568,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     info = device_info()
     logger.info("%s", info)
-    dtypes = [torch.float16 if d == "float16" else torch.float32 for d in args.kernel_dtypes]
-    kernels = kernel_rows(info, args.kernel_batches, dtypes)
-    models = (
-        []
-        if args.skip_models
-        else model_rows(
-            args.model_batch,
-            compile_mode=None if args.skip_compile else args.compile_mode,
-            compile_timeout_s=args.compile_timeout_s,
-        )
-    )
-    report = render(info, kernels, models, args.model_batch)
-    print(report)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "gpu_kernels_report.md").write_text(report + "\n")
-        payload = {
-            "device": asdict(info),
-            "kernels": [asdict(k) for k in kernels],
-            "models": [asdict(m) for m in models],
-        }
-        (args.out / "gpu_kernels_report.json").write_text(json.dumps(payload, indent=2, default=str))
+    report = Report(info, args.out, args.model_batch)
+    report.write()
+    if not args.only_compile:
+        dtypes = [torch.float16 if d == "float16" else torch.float32 for d in args.kernel_dtypes]
+        kernel_rows(info, args.kernel_batches, dtypes, report.add_kernel)
+        if not args.skip_models:
+            model_rows(args.model_batch, report.add_model)
+    if not args.skip_compile:
+        compiled_rows(args.model_batch, args.compile_mode, args.compile_timeout_s, args.compile_budget_s, report.add_model)
+    print(report.render())
     return 0
 
 

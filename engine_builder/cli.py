@@ -134,12 +134,12 @@ def run_build(args: argparse.Namespace) -> int:
 def run_check(args: argparse.Namespace) -> int:
     from engine_builder.build import build_precision_graphs
     from engine_builder.check_trt import check_engines, format_checks
-    from engine_builder.tensorrt_build import TensorRTUnavailableError, tensorrt_unavailable_reason
+    from engine_builder.tensorrt_build import TensorRTUnavailableError, engine_build_unavailable_reason
 
     settings = build_settings(args, precisions=("fp16", "int8"))
-    reason = tensorrt_unavailable_reason()
+    reason = engine_build_unavailable_reason()
     if reason:
-        raise TensorRTUnavailableError(f"check-trt needs TensorRT and a GPU: {reason}")
+        raise TensorRTUnavailableError(f"check-trt needs TensorRT and a GPU, or TensorRT-RTX: {reason}")
     work_dir = settings.resolved_work_dir()
     graphs = build_precision_graphs(settings.variant, work_dir, settings.resolved_weights(), settings.precision_build())
     print(format_checks(check_engines(graphs, work_dir, args.batch_sizes, settings.eval_dir, settings.engine_build())))

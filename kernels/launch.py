@@ -240,13 +240,21 @@ def _pointer(cupy_module: Any, address: int, nbytes: int, device_id: int) -> Any
     return cupy_module.cuda.MemoryPointer(memory, 0)
 
 
+@dataclass(frozen=True)
+class StreamPointer:
+    """A cudaStream_t as CuPy's kernel launch takes it (anything with `.ptr`). CuPy 14 deprecates
+    ExternalStream, and making a stream current would be more than this launch needs."""
+
+    ptr: int
+
+
 def _launch(
     cupy_module: Any, entry_point: str, grid: int, block: int, args: list[Any], stream: int, device_id: int
 ) -> None:
-    # The caller's stream becomes CuPy's current stream for the launch (cuLaunchKernel on it, nothing
-    # else: capturable); the device context makes CuPy pick the module loaded for that device.
-    with cupy_module.cuda.Device(device_id), cupy_module.cuda.ExternalStream(stream, device_id):
-        kernel(entry_point)((grid,), (block,), tuple(args), shared_mem=0)
+    # cuLaunchKernel on the caller's stream, nothing else (capturable); the device context makes CuPy
+    # pick the module loaded for that device.
+    with cupy_module.cuda.Device(device_id):
+        kernel(entry_point)((grid,), (block,), tuple(args), shared_mem=0, stream=StreamPointer(stream))
 
 
 def _int32(value: int) -> Any:

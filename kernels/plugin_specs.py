@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 PLUGIN_NAMESPACE = "osnet"
 PLUGIN_VERSION = "1"
 
 # Shapes here are sequences of dims (ints, or symbolic expressions that support the same use).
 Shape = Sequence
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -48,9 +50,10 @@ class PluginSpec:
     def activation_inputs(self) -> list[int]:
         return [i for i, spec in enumerate(self.inputs) if spec.kind == "activation"]
 
-    def output_dtypes(self, activation_dtype: str) -> list[str]:
-        """Output types follow the activation type; FP32 outputs stay FP32."""
-        return [activation_dtype if spec.kind == "activation" else "float32" for spec in self.outputs]
+    def output_dtypes(self, activation_dtype: T, float32: T = "float32") -> list[T]:
+        """Output types follow the activation type; FP32 outputs stay FP32. Works on any type tokens
+        (NumPy names, TensorRT DataTypes) and never on their truthiness: DataType.FLOAT is 0."""
+        return [activation_dtype if spec.kind == _ACTIVATION else float32 for spec in self.outputs]
 
 
 def _same_as_input(shapes: Sequence[Shape]) -> list[Shape]:

@@ -127,3 +127,18 @@ def aggregation_gate(
         gate = _sigmoid(hidden @ w2.T + b2)
         y += x64 * gate[:, :, None, None]
     return y.astype(streams[0].dtype)
+
+
+FP32_UNIT_ROUNDOFF = 2.0**-24
+
+
+def fp32_sum_tolerance(terms: int) -> float:
+    """Relative error bound of summing `terms` non-negative FP32 values in FP32, in any order.
+
+    Every term meets at most terms - 1 roundings of relative size <= 2^-24 on its way into the total
+    (Higham, Accuracy and Stability of Numerical Algorithms, 4.2), whatever tree the additions form:
+    the kernels' lane, butterfly and walker order included. Post-ReLU sums have no cancellation, so
+    the bound holds relative to the sum itself and therefore relative to the largest sum.
+    """
+    steps = max(terms - 1, 1)
+    return steps * FP32_UNIT_ROUNDOFF / (1 - steps * FP32_UNIT_ROUNDOFF)

@@ -70,10 +70,9 @@ def test_every_source_is_in_the_build() -> None:
     assert set(ENTRY_POINTS.values()) == set(KERNEL_SOURCES)
 
 
-@pytest.fixture(scope="module")
-def report() -> compile_check.CheckReport:
-    assert NVCC is not None
-    return compile_check.check(NVCC, compile_check.DEFAULT_ARCHS)
+@pytest.fixture
+def report(kernel_compile_report) -> compile_check.CheckReport:
+    return kernel_compile_report  # conftest compiles once per session and prints the register table
 
 
 @needs_nvcc

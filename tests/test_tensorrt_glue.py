@@ -2,6 +2,7 @@
 and AOT launch arithmetic, the tensorrt_plan config, and the CLI's behaviour where TensorRT is absent."""
 from __future__ import annotations
 
+import enum
 import inspect
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,7 +11,7 @@ import pytest
 from tritonclient.grpc import model_config_pb2 as pb
 
 from engine_builder.cli import check_trt_main, main
-from engine_builder.tensorrt_build import tensorrt_unavailable_reason
+from engine_builder.tensorrt_build import engine_build_unavailable_reason, tensorrt_unavailable_reason
 from engine_builder.triton_repository import GpuRepositorySettings, parse_config, render_config, tensorrt_model_config
 from kernels import launch, tensorrt_plugins
 from kernels.plugin_specs import AGGREGATION_GATE, DEPTHWISE_LITECONV, DEPTHWISE_LITECONV_SUMS, PLUGINS
@@ -38,6 +39,35 @@ def test_output_shapes_and_types_follow_the_spec():
     assert DEPTHWISE_LITECONV_SUMS.output_dtypes("float16") == ["float16", "float32"]
 
 
+class _DataType(enum.IntEnum):
+    """TensorRT numbers its types from FLOAT = 0: a rule that tests a type's truthiness breaks on it."""
+
+    FLOAT = 0
+    HALF = 1
+
+
+def test_sums_stay_fp32_whatever_the_type_tokens_truthiness():
+    assert not _DataType.FLOAT  # what `kinds[kind] or first.dtype` once relied on being truthy
+    assert DEPTHWISE_LITECONV_SUMS.output_dtypes(_DataType.HALF, float32=_DataType.FLOAT) == [_DataType.HALF, _DataType.FLOAT]
+    assert AGGREGATION_GATE.output_dtypes(_DataType.HALF, float32=_DataType.FLOAT) == [_DataType.HALF]
+
+
+def _format_rules():
+    return SimpleNamespace(TensorFormat=SimpleNamespace(LINEAR="linear", CHW32="chw32"), DataType=_DataType)
+
+
+def test_plugin_formats_are_nchw_with_one_activation_type_and_fp32_weights_and_sums():
+    trt = _format_rules()
+    spec = AGGREGATION_GATE  # x1..x4, sums1..4, fc1_weight, fc1_bias, fc2_weight, fc2_bias -> y
+    half, fp32 = _DataType.HALF, _DataType.FLOAT
+    types = [half] * 4 + [fp32] * 8 + [half]
+    linear = ["linear"] * len(types)
+    assert all(tensorrt_plugins.supports_format(spec, pos, types, linear, trt) for pos in range(len(types)))
+    assert not tensorrt_plugins.supports_format(spec, 0, types, ["chw32", *linear[1:]], trt)
+    assert not tensorrt_plugins.supports_format(spec, 4, types[:4] + [half], linear, trt)  # FP16 sums
+    assert not tensorrt_plugins.supports_format(spec, 1, [half, fp32], linear, trt)  # mixed activation types
+
+
 class _Dim(int):
     def constant_value(self) -> int:
         return int(self)
@@ -57,17 +87,17 @@ def _fake_trt():
 @pytest.mark.parametrize("tactic", sorted(tensorrt_plugins.TACTIC_BATCH))
 @pytest.mark.parametrize("batch", [1, 7, 256])
 def test_aot_launch_matches_the_kernel_contract_for_any_batch(monkeypatch, tactic, batch):
-    monkeypatch.setattr(tensorrt_plugins, "kernel_ptx", lambda source: f"ptx of {source}")
+    monkeypatch.setattr(tensorrt_plugins, "aot_ptx", lambda source: f"ptx of {source}")
     trt, trtp = _fake_trt()
     x = SimpleNamespace(shape_expr=[batch, _Dim(64), _Dim(64), _Dim(32)], dtype="half")
-    entry, ptx, params, extra = tensorrt_plugins._aot_kernel(DEPTHWISE_LITECONV_SUMS, [x, None, None], tactic, trt, trtp)
+    entry, ptx, params, extra = tensorrt_plugins.aot_kernel(DEPTHWISE_LITECONV_SUMS, [x, None, None], tactic, trt, trtp)
     plan = launch.plan_depthwise(tensorrt_plugins.TACTIC_BATCH[tactic], 64, 64, 32)
     assert entry == "depthwise_liteconv_sums_f16" and ptx == "ptx of depthwise_liteconv.cu"
     assert params.grid_x == -(-batch * 64 // plan.planes_per_cta) and params.block_x == plan.block
     assert extra == [batch, 64, 64, 32, *plan.tiling_args]
 
     weights = [None] * 8 + [SimpleNamespace(shape_expr=[_Dim(4), _Dim(64)])] + [None] * 3
-    entry, _, params, extra = tensorrt_plugins._aot_kernel(AGGREGATION_GATE, [x, *weights[1:]], tactic, trt, trtp)
+    entry, _, params, extra = tensorrt_plugins.aot_kernel(AGGREGATION_GATE, [x, *weights[1:]], tactic, trt, trtp)
     gate = launch.plan_gate(tensorrt_plugins.TACTIC_BATCH[tactic], 64, 4, 64, 32)
     assert entry == "aggregation_gate_f16"
     assert params.grid_x == batch * -(-64 // gate.channels_per_cta)
@@ -98,10 +128,10 @@ def test_engines_sit_beside_the_cpu_model_and_the_ensemble_runs_int8(tmp_path):
     assert (tmp_path / "osnet_x1_0_trt_fp16" / "1" / "model.plan").read_bytes() == b"fp16"
     assert parse_config((tmp_path / served / "config.pbtxt").read_text()).platform == "tensorrt_plan"
     assert (tmp_path / cpu_model / "config.pbtxt").read_text() == cpu_config  # osnet_x1_0_int8, on the CPU, untouched
-    ensemble = parse_config((tmp_path / "osnet" / "config.pbtxt").read_text())
-    assert ensemble.max_batch_size == 32 and (tmp_path / "preprocess" / "1" / "model.py").is_file()
     # --instances 2 reaches preprocess too, not only the engines
     assert parse_config((tmp_path / "preprocess" / "config.pbtxt").read_text()).instance_group[0].count == 2
+    ensemble = parse_config((tmp_path / "osnet" / "config.pbtxt").read_text())
+    assert ensemble.max_batch_size == 32 and (tmp_path / "preprocess" / "1" / "model.py").is_file()
     serving_env = Path("/opt/osnet-serving-venv")  # where the python backend finds its packages on the serving machine
     only_fp16 = write_tensorrt_models(tmp_path / "gpu_only", "osnet_x1_0", {"fp16": plans["fp16"]},
                                       GpuRepositorySettings(execution_env=serving_env),
@@ -117,11 +147,16 @@ def test_engines_sit_beside_the_cpu_model_and_the_ensemble_runs_int8(tmp_path):
 
 @pytest.mark.skipif(tensorrt_unavailable_reason() is None, reason="TensorRT is installed here: the engine step runs instead")
 def test_without_tensorrt_the_build_writes_graphs_and_says_why_no_engine(tmp_path, capsys):
+    """TensorRT-RTX (installed in CI) builds engines, but not ones Triton serves: osnet-build writes none."""
     assert main(["--variant", "osnet_x0_25", "--precision", "fp16", "--work-dir", str(tmp_path / "work"),
                  "--repository", str(tmp_path / "repo")]) == 0
     assert (tmp_path / "work" / "model_fp16_plugins.onnx").is_file()
     assert (tmp_path / "work" / "precision_report.md").is_file()
     assert "engines not built: TensorRT is not installed" in capsys.readouterr().err
     assert not (tmp_path / "repo").exists()
+
+
+@pytest.mark.skipif(engine_build_unavailable_reason() is None, reason="an engine can be built here: check-trt runs instead")
+def test_check_trt_without_any_tensorrt_says_what_it_needs(capsys):
     assert check_trt_main(["--variant", "osnet_x0_25"]) == 1
-    assert "check-trt needs TensorRT and a GPU" in capsys.readouterr().err
+    assert "check-trt needs TensorRT and a GPU, or TensorRT-RTX" in capsys.readouterr().err

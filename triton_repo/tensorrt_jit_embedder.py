@@ -36,16 +36,17 @@ class TritonPythonModel:
     def execute(self, requests):
         inputs = [pb_utils.get_input_tensor_by_name(request, INPUT_NAME).as_numpy() for request in requests]
         try:
-            batch = cupy.asarray(np.concatenate(inputs))
-            outputs = {name: cupy.empty((len(batch), self.feature_dim), dtype=cupy.float32) for name in self.output_names}
-            self.context.set_input_shape(INPUT_NAME, batch.shape)
-            self.context.set_tensor_address(INPUT_NAME, batch.data.ptr)
-            for name, array in outputs.items():
-                self.context.set_tensor_address(name, array.data.ptr)
-            if not self.context.execute_async_v3(self.stream.ptr):
-                raise RuntimeError("TensorRT execution failed")
+            with self.stream:  # the upload, the engine and the download in one stream's order
+                batch = cupy.asarray(np.concatenate(inputs))
+                outputs = {name: cupy.empty((len(batch), self.feature_dim), dtype=cupy.float32) for name in self.output_names}
+                self.context.set_input_shape(INPUT_NAME, batch.shape)
+                self.context.set_tensor_address(INPUT_NAME, batch.data.ptr)
+                for name, array in outputs.items():
+                    self.context.set_tensor_address(name, array.data.ptr)
+                if not self.context.execute_async_v3(self.stream.ptr):
+                    raise RuntimeError("TensorRT execution failed")
+                host = {name: cupy.asnumpy(array, stream=self.stream) for name, array in outputs.items()}
             self.stream.synchronize()
-            host = {name: cupy.asnumpy(array) for name, array in outputs.items()}
         except Exception as exc:  # any CUDA or TensorRT failure
             return error_responses(requests, f"TensorRT failed: {exc}")
         return split_responses(requests, [len(item) for item in inputs], host)
