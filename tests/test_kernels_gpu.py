@@ -24,6 +24,7 @@ from engine_builder.fused_osnet import CudaFusedOps, FusedLiteConv, fuse_osnet  
 
 DEVICE = torch.device("cuda")
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
+TOLERANCE_BY_NAME = {"float32": 1e-5, "float16": 2e-3}
 DTYPES = [torch.float32, torch.float16]
 DTYPE_IDS = ["fp32", "fp16"]
 
@@ -320,3 +321,35 @@ def test_identity_filter_preserves_element_order_and_rounds_to_nearest_even() ->
     np.testing.assert_array_equal(y32.cpu().numpy().ravel(), exact)
     np.testing.assert_array_equal(y16.cpu().numpy().ravel(), exact.astype(np.float16))
     assert y16.cpu().numpy().ravel()[:2].tolist() == [1.0, 1.0 + 2.0**-9]  # both ties went to even
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_tensorrt_plugin_enqueue_launches_what_the_references_compute(dtype: str) -> None:
+    """The body of the class-based IPluginV3's enqueue (`launch_jit`), given buffers in the order TensorRT
+    passes them (the spec's inputs, then outputs), as device pointers on a stream of its own."""
+    from kernels.plugin_specs import AGGREGATION_GATE, DEPTHWISE_LITECONV_SUMS
+    from kernels.tensorrt_plugins import launch_jit
+
+    shape = (3, 48, 9, 7)
+    n, c, h, w = shape
+    hidden = c // 16
+    x, weight, bias = sanitize_run.depthwise_inputs(shape, dtype)
+    rng = np.random.default_rng(1)
+    fc = [(rng.standard_normal(s) / 4).astype(np.float32) for s in ((hidden, c), (hidden,), (c, hidden), (c,))]
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        device = [cp.asarray(a) for a in (x, weight, bias)]
+        y, sums = cp.empty(shape, dtype=dtype), cp.empty((n, c), dtype=np.float32)
+        launch_jit(DEPTHWISE_LITECONV_SUMS, [shape, (c, 9), (c,)], dtype, [a.data.ptr for a in device],
+                   [y.data.ptr, sums.data.ptr], stream.ptr)
+        params = [cp.asarray(p) for p in fc]
+        gated = cp.empty(shape, dtype=dtype)
+        dims = [shape] * 4 + [(n, c)] * 4 + [p.shape for p in fc]
+        launch_jit(AGGREGATION_GATE, dims, dtype, [y.data.ptr] * 4 + [sums.data.ptr] * 4 + [p.data.ptr for p in params],
+                   [gated.data.ptr], stream.ptr)
+        y_host, sums_host, gated_host = (cp.asnumpy(a, stream=stream) for a in (y, sums, gated))
+    stream.synchronize()
+    assert reference.max_relative_error(y_host, reference.depthwise_liteconv(x, weight, bias)) <= TOLERANCE_BY_NAME[dtype]
+    assert reference.max_relative_error(sums_host, y_host.astype(np.float64).sum(axis=(2, 3))) <= reference.fp32_sum_tolerance(h * w)
+    expected = reference.aggregation_gate([y_host] * 4, *fc, stream_sums=[sums_host] * 4)
+    assert reference.max_relative_error(gated_host, expected) <= TOLERANCE_BY_NAME[dtype]
