@@ -21,7 +21,9 @@ from osnet_base.errors import OsnetTritonError
 def add_endpoint_arguments(parser: argparse.ArgumentParser) -> None:
     from osnet_base.contract import DEFAULT_URL, ENSEMBLE_MODEL
 
-    parser.add_argument("--url", default=DEFAULT_URL, help="Triton gRPC endpoint (default: %(default)s)")
+    parser.add_argument("--url", action="append", default=None,
+                        help=f"Triton gRPC endpoint host:port (default: {DEFAULT_URL}); several, repeated or comma-separated, "
+                        "share the requests: least-loaded healthy server first, one retry elsewhere if one is unavailable")
     parser.add_argument("--model", default=ENSEMBLE_MODEL, help="image-input model (default: %(default)s)")
     parser.add_argument("--timeout-s", type=float, default=60.0, help="per-request timeout (default: %(default)s)")
 
@@ -94,6 +96,8 @@ def add_embedding_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_health(client, args: argparse.Namespace) -> int:
+    if hasattr(client, "servers_health"):
+        return run_servers_health(client)
     health = client.health()
     print(json.dumps({"url": health.url, "live": health.live, "ready": health.ready, "version": health.server_version, "models": health.models}, indent=2))
     state = health.models.get(client.model)
@@ -105,6 +109,17 @@ def run_health(client, args: argparse.Namespace) -> int:
     elif state != "READY":
         print(f"osnet-client: model {client.model!r} is {state}", file=sys.stderr)
     return 0 if health.ready and state == "READY" else 1
+
+
+def run_servers_health(client) -> int:
+    """Several servers: each one's real-inference check; healthy only if all pass."""
+    results = client.servers_health()
+    print(json.dumps({"model": client.model, "servers": [{"url": url, "healthy": problem is None, "problem": problem}
+                                                         for url, problem in results]}, indent=2))
+    for url, problem in results:
+        if problem is not None:
+            print(f"osnet-client: {url} fails its health check: {problem}", file=sys.stderr)
+    return 0 if all(problem is None for _, problem in results) else 1
 
 
 def writable_output(path: Path, suffix: str) -> Path:
@@ -255,10 +270,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from client.embedding_client import EmbeddingClient
+    from osnet_base.contract import DEFAULT_URL
 
     try:
-        with EmbeddingClient(args.url, args.model, timeout_s=args.timeout_s) as client:
-            return args.run(client, args)
+        with EmbeddingClient(",".join(args.url or [DEFAULT_URL]), args.model, timeout_s=args.timeout_s) as client:
+            try:
+                return args.run(client, args)
+            finally:
+                if hasattr(client, "pool") and args.command != "health":
+                    from client.server_pool import format_stats
+
+                    print(f"where the requests went:\n{format_stats(client.pool.stats())}", file=sys.stderr)
     except (OsnetTritonError, ValueError) as exc:
         print(f"osnet-client: error: {exc}", file=sys.stderr)
         return 1

@@ -181,14 +181,25 @@ class _SharedMemoryInputs:
 
 
 class EmbeddingClient:
-    """A gRPC client for one server; safe to share between threads.
+    """A gRPC client for one server, or for several given as "host:port,host:port" or a list (then a
+    `PooledEmbeddingClient`: least-loaded healthy routing, one retry elsewhere); safe to share between threads.
 
     `shared_memory=True` sends `embed_tensors` batches through Triton system shared memory; the
     server must run on this host. Images and all responses still travel over gRPC.
     """
 
+    def __new__(cls, url: str | Sequence[str] = DEFAULT_URL, *args, **kwargs):
+        # Several servers ("a:8001,b:8001" or a list): the same client, routed over them (client.server_pool).
+        several = len(url.split(",")) > 1 if isinstance(url, str) else len(url) > 1
+        if cls is EmbeddingClient and several:
+            from client.server_pool import PooledEmbeddingClient
+
+            cls = PooledEmbeddingClient
+        return super().__new__(cls)
+
     def __init__(self, url: str = DEFAULT_URL, model: str = ENSEMBLE_MODEL, timeout_s: float = 60.0,
                  shared_memory: bool = False):
+        url = url if isinstance(url, str) else url[0]
         self.url = check_grpc_url(url)
         self.model = model
         self.timeout_s = timeout_s

@@ -8,6 +8,10 @@ Run through `osnet-loadtest` (which bounds the run and writes the reports), or b
 Each user is a closed loop: it sends its next request as soon as the last one is answered, so
 `users` is the number of requests in flight. Every response is checked (shape, finite, unit-norm
 `EMBEDDING`); a wrong answer is a failure, reported like a transport error.
+
+With several servers in `--host` (comma-separated) each process routes its users' requests through one
+`client.server_pool.ServerPool`: least-loaded healthy server, one retry elsewhere on UNAVAILABLE; the
+run record then says how many requests each server answered.
 """
 # Order matters. Importing locust monkey-patches the standard library with gevent; gRPC must then be
 # switched to gevent's event loop before any channel exists, or every call blocks the loop and N
@@ -21,6 +25,7 @@ import collections  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import random  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -31,6 +36,7 @@ from locust.runners import MasterRunner, WorkerRunner  # noqa: E402
 from locust.stats import CSV_STATS_INTERVAL_SEC  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
+from client.server_pool import ServerPool  # noqa: E402
 from osnet_base.contract import DEFAULT_URL, EMBEDDING_NAME  # noqa: E402
 from loadtest.workload import (  # noqa: E402
     SCENARIOS,
@@ -76,6 +82,24 @@ class PreparedRequests:
 
 
 _prepared: dict[tuple, PreparedRequests] = {}
+_pools: dict[str, ServerPool] = {}
+_pools_lock = threading.Lock()
+_reported_by_server: collections.Counter[str] = collections.Counter()
+
+
+def server_pool(host: str) -> ServerPool | None:
+    """This process's pool over the servers in `host`, or None for a single server."""
+    if "," not in host:
+        return None
+    # Users start concurrently and a new pool probes its servers (yielding to the others): one at a time.
+    with _pools_lock:
+        if host not in _pools:
+            _pools[host] = ServerPool(host, grpcclient.InferenceServerClient)
+    return _pools[host]
+
+
+def answered_by_server() -> collections.Counter[str]:
+    return collections.Counter({s.url: s.answered for pool in _pools.values() for s in pool.stats()})
 
 
 def prepared_requests(options) -> PreparedRequests:
@@ -111,11 +135,17 @@ class TritonGrpcUser(User):
         # Users start at different points of the cycle, so concurrent requests carry different images.
         self._next = random.randrange(len(self._requests.inputs))
         self._pause_s = 0.0
-        self._client = grpcclient.InferenceServerClient(self.host)
+        self._pool = server_pool(self.host)
+        self._client = None if self._pool is not None else grpcclient.InferenceServerClient(self.host)
 
     def on_stop(self) -> None:
         # Closed here, not left to the channel's __del__, which has hung locust at exit.
-        self._client.close()
+        if self._client is not None:
+            self._client.close()
+
+    def _send(self, client: grpcclient.InferenceServerClient, request_input):
+        requests = self._requests
+        return client.infer(requests.workload.model, [request_input], outputs=requests.outputs, client_timeout=self._timeout_s)
 
     @task
     def infer(self) -> None:
@@ -126,9 +156,10 @@ class TritonGrpcUser(User):
         response_length = 0
         start = time.perf_counter()
         try:
-            result = self._client.infer(
-                requests.workload.model, [request_input], outputs=requests.outputs, client_timeout=self._timeout_s
-            )
+            if self._pool is None:
+                result = self._send(self._client, request_input)
+            else:
+                result = self._pool.call(lambda client: self._send(client, request_input))
         except InferenceServerException as exc:
             result, exception = None, TritonCallError.from_exception(exc)
         # The latency is the call as a client sees it; checking the answer is the generator's own work.
@@ -151,18 +182,33 @@ class TritonGrpcUser(User):
         )
 
 
+SERVER_COUNTS_KEY = "osnet_answered_by_server"
+
+
+def report_servers_to_master(client_id: str, data: dict, **_kw) -> None:
+    # Like locust's own stats, a worker reports what changed since its last report.
+    current = answered_by_server()
+    data[SERVER_COUNTS_KEY] = dict(current - _reported_by_server)
+    _reported_by_server.update(current - _reported_by_server)
+
+
 @events.init.add_listener
 def finish_reports_at_quit(environment, **_kwargs) -> None:
     """Make locust's files hold the final numbers, and add what they lack in `<csv prefix>_run.json`."""
     options = environment.parsed_options
     prefix = options.csv_prefix if options is not None else None
-    if not prefix or isinstance(environment.runner, WorkerRunner):
+    if isinstance(environment.runner, WorkerRunner):
+        environment.events.report_to_master.add_listener(report_servers_to_master)
+        return
+    if not prefix:
         return
     counts: collections.Counter[str] = collections.Counter()
+    by_server: collections.Counter[str] = collections.Counter()
 
     def on_worker_report(client_id: str, data: dict, **_kw) -> None:
         # Workers send what they measured since their last report, so the sum is the whole run.
         counts[client_id] += int(data.get("stats_total", {}).get("num_requests", 0))
+        by_server.update(data.get(SERVER_COUNTS_KEY, {}))
 
     def on_quit(**_kw) -> None:
         # `quit` fires after the last requests (and, on a master, the workers' final reports) were counted.
@@ -173,6 +219,7 @@ def finish_reports_at_quit(environment, **_kwargs) -> None:
             # running totals, which a master updates in 3 s lumps as worker reports arrive.
             "per_second": {"requests": dict(total.num_reqs_per_sec), "failures": dict(total.num_fail_per_sec)},
             "requests_by_worker": dict(counts),
+            "answered_by_server": dict(by_server if isinstance(runner, MasterRunner) else answered_by_server()),
             # A generator above 90% CPU measures itself as much as the server.
             "generator_cpu_warning": bool(runner.cpu_warning_emitted or getattr(runner, "worker_cpu_warning_emitted", False)),
         }

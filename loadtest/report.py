@@ -41,6 +41,7 @@ class LoadTestSummary:
     max_ms: float | None
     failure_messages: tuple[str, ...] = ()
     requests_by_worker: dict[str, int] = field(default_factory=dict)
+    answered_by_server: dict[str, int] = field(default_factory=dict)  # several --url servers only
     generator_cpu_warning: bool = False  # the load generator ran above 90% CPU: it may be what limited the numbers
     exit_code: int | None = None  # locust's; None when it had to be killed
     timed_out: bool = False
@@ -113,19 +114,21 @@ class RunRecord:
 
     per_second: dict[int, tuple[int, int]]  # unix second -> (requests, failures) completed in it
     requests_by_worker: dict[str, int]  # distributed runs only
+    answered_by_server: dict[str, int]  # runs against several servers only
     generator_cpu_warning: bool  # locust saw one of its processes above 90% CPU
 
 
 def read_run_record(run_json: Path) -> RunRecord:
     """The record, or an empty one when locust was killed before writing it."""
     if not run_json.is_file():
-        return RunRecord(per_second={}, requests_by_worker={}, generator_cpu_warning=False)
+        return RunRecord(per_second={}, requests_by_worker={}, answered_by_server={}, generator_cpu_warning=False)
     data = json.loads(run_json.read_text())
     counts = data.get("per_second", {})
     failures = {int(second): int(n) for second, n in counts.get("failures", {}).items()}
     return RunRecord(
         per_second={int(second): (int(n), failures.get(int(second), 0)) for second, n in counts.get("requests", {}).items()},
         requests_by_worker={str(worker): int(n) for worker, n in data.get("requests_by_worker", {}).items()},
+        answered_by_server={str(url): int(n) for url, n in data.get("answered_by_server", {}).items()},
         generator_cpu_warning=bool(data.get("generator_cpu_warning", False)),
     )
 
@@ -240,6 +243,9 @@ def format_summary(summary: LoadTestSummary) -> str:
     if summary.requests_by_worker:
         counts = ", ".join(str(count) for count in summary.requests_by_worker.values())
         lines.append(f"  workers   requests per worker: {counts}")
+    if summary.answered_by_server:
+        counts = ", ".join(f"{url} {count}" for url, count in summary.answered_by_server.items())
+        lines.append(f"  servers   answered by each: {counts}")
     lines += [f"  failure   {message}" for message in summary.failure_messages]
     if summary.generator_cpu_warning:
         lines.append("  note      the load generator ran above 90% CPU, so it may have limited these numbers (try --workers)")

@@ -73,7 +73,7 @@ class LoadTestSettings:
     """One headless locust run. `model=None`: `osnet` for the ensemble scenario, the served tensor model for `tensor`."""
 
     output_dir: Path
-    url: str = DEFAULT_URL  # gRPC host:port; loopback unless the caller names a host
+    url: str = DEFAULT_URL  # gRPC host:port, or several comma-separated; loopback unless the caller names a host
     scenario: str = "ensemble"
     model: str | None = None
     batch_size: int = 1  # images per request
@@ -90,9 +90,10 @@ class LoadTestSettings:
 
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir)
-        host, _, port = self.url.rpartition(":")
-        if "://" in self.url or not host or not port.isdigit():
-            raise ValueError(f"url must be a gRPC host:port such as {DEFAULT_URL}, got {self.url!r}")
+        for url in self.urls:
+            host, _, port = url.rpartition(":")
+            if "://" in url or not host or not port.isdigit():
+                raise ValueError(f"url must be gRPC host:port such as {DEFAULT_URL}, or several comma-separated, got {self.url!r}")
         if self.scenario not in SCENARIOS:
             raise ValueError(f"scenario must be one of {SCENARIOS}, got {self.scenario!r}")
         for name in ("batch_size", "users", "duration_s"):
@@ -110,6 +111,10 @@ class LoadTestSettings:
             raise ValueError(f"image_pool ({self.image_pool}) must hold at least one batch ({self.batch_size})")
         if self.request_timeout_s <= 0 or self.grace_s <= 0:
             raise ValueError("request_timeout_s and grace_s must be > 0")
+
+    @property
+    def urls(self) -> list[str]:
+        return [url.strip() for url in self.url.split(",")]
 
     @property
     def deadline_s(self) -> float:
@@ -176,11 +181,18 @@ def _find_port() -> int:
 
 
 def resolve_target(settings: LoadTestSettings) -> str:
-    """Check the server answers one request of the scenario correctly; return the model to load-test.
+    """Check every server answers one request of the scenario correctly; return the model to load-test.
 
     A wrong URL, an unserved model or a batch above the model's limit then fails here, in one clear
     message, rather than as thousands of identical failures in a report.
     """
+    models = {url: _resolve_one_target(replace(settings, url=url)) for url in settings.urls}
+    if len(set(models.values())) > 1:
+        raise LoadTestError(f"the servers serve different models: {models}; name one with model=")
+    return next(iter(models.values()))
+
+
+def _resolve_one_target(settings: LoadTestSettings) -> str:
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
@@ -382,6 +394,7 @@ def summarize(settings: LoadTestSettings, *, model: str, exit_code: int | None, 
         max_ms=None if totals.max_ms is None else round(totals.max_ms, 3),
         failure_messages=read_failure_messages(Path(f"{prefix}_failures.csv")),
         requests_by_worker=record.requests_by_worker,
+        answered_by_server=record.answered_by_server,
         generator_cpu_warning=record.generator_cpu_warning,
         exit_code=exit_code,
         timed_out=timed_out,
