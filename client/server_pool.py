@@ -4,8 +4,8 @@ gRPC keeps a connection on the server it first reached (triton-inference-server/
 long-lived client in front of several servers must choose one per request. `ServerPool` does that for
 clients that reach the servers themselves; nginx (`deploy.nginx`) does it for everyone else.
 
-- A request goes to the healthy server with the fewest requests in flight from this process; ties go to
-  the one that has answered fewest, so an idle pool still spreads its requests.
+- A request goes to the healthy server with the fewest requests in flight from this process; ties go
+  round the servers in turn, so sequential requests still spread.
 - A server leaves the rotation when a request to it fails with UNAVAILABLE or its health probe fails.
   A probe thread checks every server every `check_interval_s`; a server comes back when its probe passes.
 - Healthy is `check_server`: Triton says ready *and* a tiny real inference through the image model
@@ -130,8 +130,10 @@ class ServerPool(Generic[Connection]):
         if check_interval_s <= 0:
             raise ValueError(f"check_interval_s must be > 0, got {check_interval_s}")
         self.urls = split_urls(urls)
+        self._connect, self._probe, self._disconnect = connect, probe, disconnect
         self._servers = [_Server(url, connect(url)) for url in self.urls]
-        self._probe, self._disconnect = probe, disconnect
+        self._retired: list[Connection] = []
+        self._turn = 0
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._check_interval_s = check_interval_s
@@ -162,7 +164,9 @@ class ServerPool(Generic[Connection]):
                 return None
             # With none healthy, try them all: a probe may be up to check_interval_s behind a recovery.
             healthy = [s for s in candidates if s.healthy] or candidates
-            chosen = min(healthy, key=lambda s: (s.in_flight, s.answered + s.failed))
+            count = len(self._servers)
+            chosen = min(healthy, key=lambda s: (s.in_flight, (self._servers.index(s) - self._turn) % count))
+            self._turn = (self._servers.index(chosen) + 1) % count
             chosen.in_flight += 1
             return chosen
 
@@ -209,10 +213,15 @@ class ServerPool(Generic[Connection]):
             if problem is not None:
                 self._take_out(server, problem)
                 continue
+            if server.healthy:
+                continue
+            # A fresh connection: the old one may sit in gRPC's reconnect backoff (up to minutes) long after
+            # the server is back. Requests still on the old one finish there; it is closed with the pool.
+            fresh = self._connect(server.url)
             with self._lock:
-                came_back, server.healthy = not server.healthy, True
-            if came_back:
-                logger.info("%s passes its health probe and rejoins the rotation", server.url)
+                self._retired.append(server.connection)
+                server.connection, server.healthy = fresh, True
+            logger.info("%s passes its health probe and rejoins the rotation", server.url)
 
     def _check_periodically(self) -> None:
         while not self._closed.wait(self._check_interval_s):
@@ -229,8 +238,8 @@ class ServerPool(Generic[Connection]):
     def close(self) -> None:
         self._closed.set()
         self._checker.join(timeout=30)
-        for server in self._servers:
-            self._disconnect(server.connection)
+        for connection in [*self._retired, *(server.connection for server in self._servers)]:
+            self._disconnect(connection)
 
 
 def format_stats(stats: Sequence[ServerStats]) -> str:

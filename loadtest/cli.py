@@ -47,6 +47,7 @@ FLAG_HELP = {
     "request_timeout_s": "deadline of one call",
     "grace_s": "time beyond --duration-s allowed to start and stop before everything is killed",
     "check_target": "one real request before the run, for a clear error instead of a run of failures",
+    "check_answers": "ask the first server for every request's answer before the run, and fail any answer that differs",
 }
 
 

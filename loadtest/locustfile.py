@@ -30,6 +30,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gevent  # noqa: E402
+import numpy as np  # noqa: E402
 import tritonclient.grpc as grpcclient  # noqa: E402
 from locust import User, events, task  # noqa: E402
 from locust.runners import MasterRunner, WorkerRunner  # noqa: E402
@@ -42,6 +43,7 @@ from loadtest.workload import (  # noqa: E402
     SCENARIOS,
     ResponseCheckError,
     TritonCallError,
+    check_against_reference,
     Workload,
     build_workload,
     check_embedding,
@@ -65,6 +67,7 @@ def add_osnet_arguments(parser) -> None:
     group.add_argument("--osnet-batch-size", type=int, default=1, help="images per request")
     group.add_argument("--osnet-image-pool", type=int, default=64, help="distinct images cycled through")
     group.add_argument("--osnet-request-timeout-s", type=float, default=10.0, help="client-side deadline of one call")
+    group.add_argument("--osnet-reference", default=None, help="a .npy of the expected answers [requests, batch, 512]: every answer is compared with it")
 
 
 class PreparedRequests:
@@ -96,6 +99,15 @@ def server_pool(host: str) -> ServerPool | None:
         if host not in _pools:
             _pools[host] = ServerPool(host, grpcclient.InferenceServerClient)
     return _pools[host]
+
+
+_references: dict[str, np.ndarray] = {}
+
+
+def reference_answers(path: str | None) -> np.ndarray | None:
+    if path and path not in _references:
+        _references[path] = np.load(path)
+    return _references.get(path) if path else None
 
 
 def answered_by_server() -> collections.Counter[str]:
@@ -135,6 +147,7 @@ class TritonGrpcUser(User):
         # Users start at different points of the cycle, so concurrent requests carry different images.
         self._next = random.randrange(len(self._requests.inputs))
         self._pause_s = 0.0
+        self._reference = reference_answers(options.osnet_reference)
         self._pool = server_pool(self.host)
         self._client = None if self._pool is not None else grpcclient.InferenceServerClient(self.host)
 
@@ -150,7 +163,8 @@ class TritonGrpcUser(User):
     @task
     def infer(self) -> None:
         requests = self._requests
-        request_input = requests.inputs[self._next]
+        index = self._next
+        request_input = requests.inputs[index]
         self._next = (self._next + 1) % len(requests.inputs)
         exception: Exception | None = None
         response_length = 0
@@ -168,6 +182,8 @@ class TritonGrpcUser(User):
             embedding = result.as_numpy(EMBEDDING_NAME)
             try:
                 check_embedding(embedding, requests.workload.batch_size)
+                if self._reference is not None:
+                    check_against_reference(embedding, self._reference[index])
                 response_length = embedding.nbytes
             except ResponseCheckError as exc:
                 exception = exc

@@ -56,6 +56,7 @@ PROJECT_ROOT = LOCUSTFILE.parent.parent
 CSV_PREFIX = "locust"
 HTML_REPORT = "report.html"
 SUMMARY_JSON = "summary.json"
+REFERENCE_ANSWERS = "reference_answers.npy"
 RUN_PLOT = "throughput_latency.png"
 MASTER_LOG = "locust.log"
 SWEEP_JSON = "sweep.json"
@@ -87,6 +88,9 @@ class LoadTestSettings:
     # reports; past it every process is killed and the run counts as failed.
     grace_s: float = 30.0
     check_target: bool = True  # one real request before the run, for a clear error instead of a run of failures
+    # Ask the first server once for every request's answer before the run; locust then checks each answer
+    # against it, so a server that answers well-formed but wrong embeddings fails the run.
+    check_answers: bool = True
 
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir)
@@ -224,6 +228,37 @@ def _resolve_one_target(settings: LoadTestSettings) -> str:
     return model
 
 
+def write_reference_answers(settings: LoadTestSettings, model: str, path: Path) -> Path:
+    """The first server's answer to each request of the workload (same images, same order as locust's),
+    [requests, batch, 512], saved to `path`."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from osnet_base.contract import EMBEDDING_NAME
+    from loadtest.workload import ResponseCheckError, build_workload, check_embedding
+
+    workload = build_workload(scenario=settings.scenario, model=model, batch_size=settings.batch_size,
+                              image_pool=settings.image_pool)
+    answers = []
+    url = settings.urls[0]
+    with grpcclient.InferenceServerClient(url) as client:
+        try:
+            for batch in workload.batches:
+                request_input = grpcclient.InferInput(workload.input_name, list(batch.shape), workload.datatype)
+                request_input.set_data_from_numpy(batch)
+                result = client.infer(model, [request_input], outputs=[grpcclient.InferRequestedOutput(EMBEDDING_NAME)],
+                                      client_timeout=settings.request_timeout_s)
+                answers.append(result.as_numpy(EMBEDDING_NAME))
+                check_embedding(answers[-1], settings.batch_size)
+        except InferenceServerException as exc:
+            raise LoadTestError(f"reference answers from {url} failed before the load test: {exc.message() or exc}") from None
+        except ResponseCheckError as exc:
+            raise LoadTestError(f"{url} answered a wrong reference embedding before the load test: {exc}") from None
+    np.save(path, np.stack(answers))
+    return path
+
+
 def _find_tensor_model(client, url: str) -> str:
     """The one ready model taking a single preprocessed INPUT [N,3,256,128] FP32 tensor."""
     from osnet_base.contract import INPUT_CHANNELS, INPUT_HEIGHT, INPUT_NAME, INPUT_WIDTH
@@ -267,7 +302,7 @@ def _locust_command(settings: LoadTestSettings, model: str, prefix: Path) -> lis
 
 def _clear_previous_results(output_dir: Path) -> None:
     # A stale file from an earlier run in the same folder must not be read as this run's.
-    names = [SUMMARY_JSON, HTML_REPORT, RUN_PLOT, MASTER_LOG]
+    names = [SUMMARY_JSON, HTML_REPORT, RUN_PLOT, MASTER_LOG, REFERENCE_ANSWERS]
     names += [f"{CSV_PREFIX}_{kind}" for kind in ("stats.csv", "stats_history.csv", "failures.csv", "exceptions.csv", "run.json")]
     for name in names:
         (output_dir / name).unlink(missing_ok=True)
@@ -290,6 +325,8 @@ def run_load_test(settings: LoadTestSettings) -> LoadTestSummary:
         raise LoadTestError("the tensor scenario needs a model name when check_target is off")
     prefix = output_dir / CSV_PREFIX
     command = _locust_command(settings, model, prefix)
+    if settings.check_answers:
+        command += ["--osnet-reference", str(write_reference_answers(settings, model, output_dir / REFERENCE_ANSWERS))]
     worker_command: list[str] = []
     if settings.workers:
         port = _find_port()

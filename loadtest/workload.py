@@ -107,6 +107,18 @@ def build_workload(*, scenario: str, model: str, batch_size: int, image_pool: in
     )
 
 
+# The same images through the same model: only batching and threading may move an answer.
+MIN_COSINE_TO_REFERENCE = 0.999
+
+
+def check_against_reference(embedding: np.ndarray, reference: np.ndarray) -> None:
+    """Raise `ResponseCheckError` unless every row of `embedding` points where `reference`'s row does."""
+    cosine = np.sum(embedding.astype(np.float64) * reference.astype(np.float64), axis=1)
+    if cosine.min() < MIN_COSINE_TO_REFERENCE:
+        raise ResponseCheckError(f"{EMBEDDING_NAME} differs from the reference answer to the same images "
+                                 f"(cosine below {MIN_COSINE_TO_REFERENCE})")
+
+
 def check_embedding(embedding: np.ndarray | None, batch_size: int) -> None:
     """Raise `ResponseCheckError` unless `embedding` is [batch_size, 512], finite, with unit-norm rows.
 
