@@ -284,3 +284,30 @@ class PooledEmbeddingClient(EmbeddingClient):
 
     def close(self) -> None:
         self.pool.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m client.server_pool --check HOST:PORT...`: exit 0 only if every server passes
+    `check_server` (the readiness and liveness probe of deploy/kubernetes)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m client.server_pool", description=main.__doc__)
+    parser.add_argument("--check", nargs="+", required=True, metavar="HOST:PORT", help="servers to probe")
+    parser.add_argument("--model", default=ENSEMBLE_MODEL, help="image-input model (default: %(default)s)")
+    parser.add_argument("--timeout-s", type=float, default=5.0, help="per-probe timeout (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        urls = split_urls(args.check)
+    except ClientError as exc:
+        parser.error(str(exc))
+    failed = 0
+    for url in urls:
+        problem = check_server(url, args.timeout_s, args.model)
+        print(f"{url}: {'healthy' if problem is None else problem}", file=sys.stdout if problem is None else sys.stderr)
+        failed += problem is not None
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -53,7 +53,7 @@ class NginxBalancerConfig:
     fail_timeout_s: int = 5  # a failed server gets no request for this long, then is tried again
     connect_timeout_s: float = 1.0
     request_timeout_s: int = 60  # longest a request may wait for its answer
-    tries: int = 2  # each request: its server, then at most one other
+    tries: int | None = None  # servers one request may be sent to; None: every server once
     max_request_mb: int = 64  # a batch-32 tensor request is 12.6 MB
     keepalive_connections: int = 32
     worker_processes: int = 1
@@ -70,6 +70,8 @@ class NginxBalancerConfig:
                 raise ValueError(f"expected host:port, got {address!r}")
         if len(set(self.servers)) != len(self.servers):
             raise ValueError(f"a server is listed twice: {self.servers}")
+        if self.tries is None:
+            self.tries = len(self.servers)
         for name in ("max_fails", "fail_timeout_s", "request_timeout_s", "tries", "max_request_mb", "worker_processes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -12,6 +12,7 @@ LAYERS = (
     ("engine_builder",),
     ("client",),
     ("loadtest",),
+    ("deploy",),  # the nginx balancer, stand-in hosts, Kubernetes manifests
     ("demo", "benchmarks"),
 )
 LAYER_OF = {package: index for index, layer in enumerate(LAYERS) for package in layer}
