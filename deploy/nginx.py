@@ -183,6 +183,11 @@ class NginxBalancer:
     def url(self) -> str:
         return self.config.listen
 
+    @property
+    def pid(self) -> int | None:
+        """The nginx master's; its workers share its process group."""
+        return None if self._process is None else self._process.pid
+
     def start(self, timeout_s: float = 10.0) -> NginxBalancer:
         if self._process is not None:
             raise BalancerError("this balancer was already started")
