@@ -2,12 +2,14 @@
 
 A gRPC client keeps one HTTP/2 connection, and a TCP balancer would pin all its requests to one server
 (triton-inference-server/server#6177). nginx terminates HTTP/2 and balances each request (`grpc_pass`):
-- `least_conn` over the upstream, with keepalive connections to each server;
+- round robin over the upstream (`balance="least_conn"` for servers that differ), keepalive connections to each;
 - a server whose connection fails is out for `fail_timeout_s` (`max_fails=1`), then tried again;
-- `grpc_next_upstream`: a request whose server failed before answering is passed to the next one.
-  nginx does that for a POST (every gRPC call is one) only after `non_idempotent`; inference is safe
-  to send twice, so ModelInfer gets it; everything else (repository, shared-memory registration)
-  is retried only when it never reached a server.
+- `grpc_next_upstream`: a request whose server could not be reached is passed to the next one.
+  nginx re-sends a POST (every gRPC call is one) that already reached a server only with
+  `non_idempotent`, and only while it still holds the whole body; inference is safe to send twice, so
+  ModelInfer gets it, the rest (repository, shared-memory registration) does not. nginx streams gRPC
+  bodies, so in practice a request in flight on a server that dies fails (502); measured: 1 or 2 when
+  one of three servers under 4 users is killed (tests/test_multi_server.py).
 
     python -m deploy.nginx --server 10.0.0.1:8001 --server 10.0.0.2:8001 --listen 0.0.0.0:8001 -o nginx.conf
     nginx -c $PWD/nginx.conf
@@ -47,6 +49,9 @@ class NginxBalancerConfig:
     """What the config says. `runtime_dir` holds the pid file, logs and temp files (nginx needs them writable)."""
 
     servers: Sequence[str]  # Triton gRPC host:port, one per server
+    # Identical replicas get a third each by turns; least_conn follows whichever server the CPU scheduler
+    # favours at the moment (586/782/573 requests on three equal servers sharing 2 cores here).
+    balance: str = "round_robin"  # or "least_conn"
     listen: str = f"{LOOPBACK}:8001"
     runtime_dir: Path = Path("/var/lib/osnet-nginx")
     max_fails: int = 1
@@ -70,6 +75,8 @@ class NginxBalancerConfig:
                 raise ValueError(f"expected host:port, got {address!r}")
         if len(set(self.servers)) != len(self.servers):
             raise ValueError(f"a server is listed twice: {self.servers}")
+        if self.balance not in ("round_robin", "least_conn"):
+            raise ValueError(f"balance must be round_robin or least_conn, got {self.balance!r}")
         if self.tries is None:
             self.tries = len(self.servers)
         for name in ("max_fails", "fail_timeout_s", "request_timeout_s", "tries", "max_request_mb", "worker_processes"):
@@ -93,6 +100,7 @@ def render_nginx_config(config: NginxBalancerConfig) -> str:
             grpc_read_timeout {config.request_timeout_s}s;
             grpc_next_upstream_tries {config.tries};"""
     access_log = f"access_log {run}/access.log;" if config.access_log else "access_log off;"
+    balance = "\n        least_conn;" if config.balance == "least_conn" else ""
     return f"""# Written by deploy/nginx.py for {len(config.servers)} Triton servers; regenerate rather than edit.
 worker_processes {config.worker_processes};
 pid {run}/nginx.pid;
@@ -114,8 +122,7 @@ http {{
     client_body_buffer_size {config.max_request_mb}m;
     keepalive_requests 1000000;  # client connections live long: never close one for its request count
 
-    upstream triton_grpc {{
-        least_conn;
+    upstream triton_grpc {{{balance}
 {servers}
         keepalive {config.keepalive_connections};
     }}
