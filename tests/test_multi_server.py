@@ -108,10 +108,21 @@ def test_nginx_accepts_the_written_config(tmp_path):
 
 
 @pytest.mark.server
-def test_pool_spreads_requests_retries_elsewhere_and_readmits_a_restarted_server(repository):
+def test_pool_spreads_requests_retries_elsewhere_and_readmits_a_restarted_server(repository, tmp_path, capsys):
+    from client.cli import main as client_main
+
     port = find_free_port()
     steady, flaky = serve(repository), serve(repository, grpc_port=port)
     try:
+        # osnet-client: --url repeated or comma-separated; health runs the real-inference check on each server.
+        assert client_main(["health", "--url", steady.grpc_url, "--url", flaky.grpc_url]) == 0
+        assert '"healthy": true' in capsys.readouterr().out
+        (tmp_path / "a.png").write_bytes(probe_image())
+        assert client_main(["embed", str(tmp_path / "a.png"), str(tmp_path / "a.png"), "--batch-size", "1",
+                            "-o", str(tmp_path / "out"), "--url", f"{steady.grpc_url},{flaky.grpc_url}"]) == 0
+        report = capsys.readouterr().err
+        assert "where the requests went" in report and steady.grpc_url in report and flaky.grpc_url in report
+
         # Probes only when asked (check_health), so that what the requests alone do is seen.
         with EmbeddingClient(f"{steady.grpc_url},{flaky.grpc_url}", timeout_s=10, check_interval_s=600) as client:
             assert isinstance(client, PooledEmbeddingClient)
@@ -132,6 +143,8 @@ def test_pool_spreads_requests_retries_elsewhere_and_readmits_a_restarted_server
 
             pool.check_health()
             assert not pool.stats()[1].healthy, "a server that is down stays out"
+            assert client_main(["health", "--url", f"{steady.grpc_url},{flaky.grpc_url}"]) == 1
+            assert f"{flaky.grpc_url} fails its health check" in capsys.readouterr().err
             reborn = serve(repository, grpc_port=port)
             try:
                 pool.check_health()
