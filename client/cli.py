@@ -1,6 +1,6 @@
 """osnet-client: person re-identification embeddings from a Triton server over gRPC.
 
-  osnet-client health                      server and model readiness, versions
+  osnet-client health                      ready only if a real inference is answered correctly
   osnet-client embed IMAGES... -o out.npy  embed files or folders (batched, concurrent)
   osnet-client compare A.jpg B.jpg         cosine similarity of two crops
   osnet-client evaluate --data DIR         CMC rank-1/5/10 and mAP on a Market-1501-layout query/gallery
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="osnet-client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    health = commands.add_parser("health", help="server and model readiness")
+    health = commands.add_parser("health", help="readiness from a real inference through the model; exit 0 only if it was correct")
     add_endpoint_arguments(health)
     health.set_defaults(run=run_health)
 
@@ -98,17 +98,13 @@ def add_embedding_arguments(parser: argparse.ArgumentParser) -> None:
 def run_health(client, args: argparse.Namespace) -> int:
     if hasattr(client, "servers_health"):
         return run_servers_health(client)
-    health = client.health()
-    print(json.dumps({"url": health.url, "live": health.live, "ready": health.ready, "version": health.server_version, "models": health.models}, indent=2))
-    state = health.models.get(client.model)
-    if not health.ready:
-        print(f"osnet-client: the server at {client.url} is live but not ready", file=sys.stderr)
-    elif state is None:
-        print(f"osnet-client: the server at {client.url} does not serve model {client.model!r} "
-              f"(it serves: {', '.join(sorted(health.models)) or 'nothing'})", file=sys.stderr)
-    elif state != "READY":
-        print(f"osnet-client: model {client.model!r} is {state}", file=sys.stderr)
-    return 0 if health.ready and state == "READY" else 1
+    from client.health import health_report
+
+    report = health_report(client)
+    print(json.dumps(report.as_dict(), indent=2))
+    if not report.ready:
+        print(f"osnet-client: not ready: {report.why_not_ready()}", file=sys.stderr)
+    return 0 if report.ready else 1
 
 
 def run_servers_health(client) -> int:

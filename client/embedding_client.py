@@ -25,6 +25,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as system_shm
 from tritonclient.utils import InferenceServerException
 
+from osnet_base.api_key import API_KEY_ENV, RESTRICTED_MESSAGE, api_key_file, grpc_headers, load_api_key
 from osnet_base.contract import DEFAULT_URL, EMBEDDING_NAME, ENSEMBLE_MODEL, IMAGE_NAME, INPUT_NAME
 from osnet_base.errors import OsnetTritonError
 
@@ -72,6 +73,8 @@ def _describe_model_state(entry: dict) -> str:
 
 def _server_unavailable(exc: InferenceServerException, url: str, timeout_s: float | None = None) -> ClientError | None:
     status = exc.status() or ""
+    if RESTRICTED_MESSAGE in (exc.message() or ""):
+        return None  # Triton refuses a call without the API key as UNAVAILABLE too
     if "DEADLINE_EXCEEDED" in status:
         within = "" if timeout_s is None else f" within {timeout_s:g} s"
         return ServerTimeoutError(f"the server at {url} did not answer{within} ({status}): it may be overloaded "
@@ -95,11 +98,18 @@ def _translate(exc: InferenceServerException, url: str, model: str, timeout_s: f
     unreachable = _server_unavailable(exc, url, timeout_s)
     if unreachable is not None:
         return unreachable
+    if RESTRICTED_MESSAGE in message:
+        return _key_refused(url, message)
     if "NOT_FOUND" in status or "unknown model" in message or "is not found" in message:
         return ModelNotFoundError(f"server at {url} does not serve model {model!r}: {message}")
     if "INVALID_ARG" in status:
         return InvalidInputError(message)
     return ClientError(f"{model} at {url} failed ({status}): {message}")
+
+
+def _key_refused(url: str, message: str) -> ClientError:
+    return ClientError(f"the server at {url} refused a call that needs its API key ({message}): set {API_KEY_ENV}, "
+                       f"or run as the user whose {api_key_file()} the server uses")
 
 
 @dataclass
@@ -113,8 +123,8 @@ class _SharedMemoryInputs:
     """Triton system shared memory regions for tensor inputs: one per request in flight, registered
     with the server once and reused; a region too small for a batch is replaced by a larger one."""
 
-    def __init__(self, client: grpcclient.InferenceServerClient, url: str):
-        self._client, self._url = client, url
+    def __init__(self, client: grpcclient.InferenceServerClient, url: str, headers: dict[str, str] | None):
+        self._client, self._url, self._headers = client, url, headers
         self._free: list[_SharedMemoryRegion] = []
         self._lock = threading.Lock()
 
@@ -123,12 +133,14 @@ class _SharedMemoryInputs:
         handle = system_shm.create_shared_memory_region(name, f"/{name}", byte_size)
         region = _SharedMemoryRegion(name, handle, byte_size)
         try:
-            self._client.register_system_shared_memory(name, f"/{name}", byte_size)
+            self._client.register_system_shared_memory(name, f"/{name}", byte_size, headers=self._headers)
         except InferenceServerException as exc:
             system_shm.destroy_shared_memory_region(handle)
             unreachable = _server_unavailable(exc, self._url)
             if unreachable is not None:
                 raise unreachable from None
+            if RESTRICTED_MESSAGE in (exc.message() or ""):
+                raise _key_refused(self._url, exc.message()) from None
             raise ClientError(
                 f"the server at {self._url} cannot map this client's shared memory ({exc.message()}): "
                 "shared memory needs the server on this host; use the default gRPC transport otherwise"
@@ -144,7 +156,7 @@ class _SharedMemoryInputs:
         # then it refuses to unregister the region as "in use".
         for attempt in range(attempts):
             try:
-                self._client.unregister_system_shared_memory(name)
+                self._client.unregister_system_shared_memory(name, headers=self._headers)
                 return
             except InferenceServerException as exc:
                 message = exc.message() or ""
@@ -186,6 +198,8 @@ class EmbeddingClient:
 
     `shared_memory=True` sends `embed_tensors` batches through Triton system shared memory; the
     server must run on this host. Images and all responses still travel over gRPC.
+    Shared memory and the model index need the server's API key: `api_key`, else this user's
+    (see osnet_base.api_key).
     """
 
     def __new__(cls, url: str | Sequence[str] = DEFAULT_URL, *args, **kwargs):
@@ -198,13 +212,14 @@ class EmbeddingClient:
         return super().__new__(cls)
 
     def __init__(self, url: str = DEFAULT_URL, model: str = ENSEMBLE_MODEL, timeout_s: float = 60.0,
-                 shared_memory: bool = False):
+                 shared_memory: bool = False, api_key: str | None = None):
         url = url if isinstance(url, str) else url[0]
         self.url = check_grpc_url(url)
         self.model = model
         self.timeout_s = timeout_s
         self._client = grpcclient.InferenceServerClient(url)
-        self._shared_inputs = _SharedMemoryInputs(self._client, url) if shared_memory else None
+        self._headers = grpc_headers(api_key or load_api_key())
+        self._shared_inputs = _SharedMemoryInputs(self._client, url, self._headers) if shared_memory else None
 
     def close(self) -> None:
         if self._shared_inputs is not None:
@@ -273,7 +288,7 @@ class EmbeddingClient:
             live = self._client.is_server_live(client_timeout=timeout)
             ready = self._client.is_server_ready(client_timeout=timeout)
             version = self._client.get_server_metadata(as_json=True, client_timeout=timeout).get("version", "?")
-            index = self._client.get_model_repository_index(as_json=True, client_timeout=timeout).get("models", [])
+            index = self._client.get_model_repository_index(headers=self._headers, as_json=True, client_timeout=timeout).get("models", [])
         except InferenceServerException as exc:
             raise _translate(exc, self.url, self.model, timeout) from None
         models = {m["name"]: _describe_model_state(m) for m in index}

@@ -47,7 +47,7 @@ from engine_builder.precision import (
 )
 from engine_builder.reference_weights import REFERENCE_VARIANT, default_weights
 from engine_builder.tensorrt_build import EngineBuildSettings
-from engine_builder.triton_repository import CpuRepositorySettings, GpuRepositorySettings, building_venv, write_cpu_models
+from engine_builder.triton_repository import CpuRepositorySettings, GpuRepositorySettings, building_venv, check_repository_servable, write_cpu_models
 from osnet_base.contract import DEFAULT_MAX_BATCH_SIZE, DEFAULT_RUNTIME
 
 logger = logging.getLogger(__name__)
@@ -109,6 +109,7 @@ def build_cpu_repository(
         load_average_1min=load,
     )
     write_runtime_choice(repository / served, choice)
+    check_repository_servable(repository, settings.execution_env)
     logger.info("serving %s: %s", served, reason)
     logger.info("repository %s ready: tritonserver --model-repository %s", repository, repository)
     return repository

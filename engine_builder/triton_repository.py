@@ -27,6 +27,7 @@ from tritonclient.grpc import model_config_pb2 as pb
 from engine_builder import cpu_sessions
 from engine_builder.cpu_runtimes import PRECISION_ORDER, CpuRuntime
 from osnet_base import contract
+from osnet_base.errors import OsnetTritonError
 from osnet_base.contract import (
     DEFAULT_MAX_BATCH_SIZE,
     EMBEDDING_NAME,
@@ -286,3 +287,55 @@ def write_tensorrt_models(
                          f"and {settings.max_batch_size}")
     write_ensemble(repository, served, preprocess)
     return served
+
+
+class RepositoryNotServableError(OsnetTritonError):
+    """A written repository that is incomplete, or that a real tritonserver does not serve."""
+
+
+def missing_files(repository: Path) -> list[str]:
+    """What a server would need and does not find: the files of each python-backend model (and the
+    graph or plan of a tensor model), the plan of each engine, every model an ensemble step names."""
+    repository = Path(repository)
+    models = {path.parent.name: path for path in repository.glob("*/config.pbtxt")}
+    missing = [] if models else [f"{repository}: no model (no */config.pbtxt)"]
+    for name, config_path in sorted(models.items()):
+        config = parse_config(config_path.read_text())
+        version_dir = repository / name / "1"
+        if config.backend == "python":
+            needed = ["model.py", *(helper.name for helper in PYTHON_HELPER_MODULES)]
+            if any(tensor.name == INPUT_NAME for tensor in config.input):  # a tensor model: its graph or engine too
+                on_gpu = any(group.kind == pb.ModelInstanceGroup.KIND_GPU for group in config.instance_group)
+                needed.append("model.plan" if on_gpu else "model.onnx")
+        elif config.platform == "tensorrt_plan":
+            needed = ["model.plan"]
+        else:
+            needed = []
+        missing += [str(version_dir / file) for file in needed if not (version_dir / file).is_file()]
+        if config.platform == "ensemble":
+            missing += [f"{repository / step.model_name} (a step of {name})" for step in config.ensemble_scheduling.step
+                        if step.model_name not in models]
+    return missing
+
+
+def check_repository_servable(repository: Path, execution_env: Path | None) -> None:
+    """The last step of a CPU build: the repository is complete, and a real tritonserver (under the
+    supervisor, start bounded) loads it and answers the probe image through the `osnet` ensemble
+    with a correct embedding. Where the python backend's environment lies on another machine
+    (`--python-env`), the server cannot run it here and only completeness is checked."""
+    from osnet_base.triton_server import TritonServerConfig, TritonServerError, TritonServerProcess
+
+    missing = missing_files(repository)
+    if missing:
+        raise RepositoryNotServableError(f"the repository {repository} is incomplete; missing: {', '.join(missing)}")
+    if execution_env is not None and not (Path(execution_env) / "bin" / "activate").is_file():
+        logger.warning("not serving %s as a check: its python environment %s is not on this machine", repository, execution_env)
+        return
+    try:
+        with TritonServerProcess(TritonServerConfig(model_repository=repository)):
+            pass  # the start waits for a correct answer through the models
+    except TritonServerError as exc:
+        logger.debug("%s", exc)
+        reason = str(exc).splitlines()[0]  # the offending line; the rest is the server log's tail
+        raise RepositoryNotServableError(f"tritonserver does not serve the repository {repository}: {reason}") from None
+    logger.info("checked: tritonserver serves %s and answers correctly", repository)

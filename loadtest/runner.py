@@ -200,16 +200,19 @@ def _resolve_one_target(settings: LoadTestSettings) -> str:
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
+    from osnet_base.api_key import grpc_headers, load_api_key
     from osnet_base.contract import EMBEDDING_NAME
     from loadtest.workload import ResponseCheckError, build_workload, check_embedding
 
     client = grpcclient.InferenceServerClient(settings.url)
+    headers = grpc_headers(load_api_key())  # the model index is restricted to holders of the server's key
     try:
         if not client.is_server_ready(client_timeout=settings.request_timeout_s):
             raise LoadTestError(f"the Triton server at {settings.url} is not ready")
-        model = settings.model or default_model(settings.scenario) or _find_tensor_model(client, settings.url)
+        model = settings.model or default_model(settings.scenario) or _find_tensor_model(client, settings.url, headers)
         if not client.is_model_ready(model, client_timeout=settings.request_timeout_s):
-            ready = [m["name"] for m in client.get_model_repository_index(as_json=True).get("models", []) if m.get("state") == "READY"]
+            ready = [m["name"] for m in client.get_model_repository_index(headers=headers, as_json=True).get("models", [])
+                     if m.get("state") == "READY"]
             raise LoadTestError(f"the server at {settings.url} does not serve model {model!r} (ready: {', '.join(ready) or 'none'})")
         workload = build_workload(scenario=settings.scenario, model=model, batch_size=settings.batch_size, image_pool=settings.batch_size)
         request_input = grpcclient.InferInput(workload.input_name, list(workload.batches[0].shape), workload.datatype)
@@ -259,12 +262,12 @@ def write_reference_answers(settings: LoadTestSettings, model: str, path: Path) 
     return path
 
 
-def _find_tensor_model(client, url: str) -> str:
+def _find_tensor_model(client, url: str, headers: dict[str, str] | None) -> str:
     """The one ready model taking a single preprocessed INPUT [N,3,256,128] FP32 tensor."""
     from osnet_base.contract import INPUT_CHANNELS, INPUT_HEIGHT, INPUT_NAME, INPUT_WIDTH
 
     found = []
-    for entry in client.get_model_repository_index(as_json=True).get("models", []):
+    for entry in client.get_model_repository_index(headers=headers, as_json=True).get("models", []):
         if entry.get("state") != "READY":
             continue
         inputs = client.get_model_metadata(entry["name"], as_json=True).get("inputs", [])

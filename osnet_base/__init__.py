@@ -1,7 +1,9 @@
-"""The lowest layer: the project's errors, the serving contract, and the `tritonserver` process.
+"""The lowest layer: the project's errors, the serving contract, and the `tritonserver` process with
+its supervisor, its truthful health check and the key of its administrative APIs.
 
-It imports nothing heavy (no torch, no tritonclient) and nothing of ours from a higher layer, so
-every other package, the load generator's processes and the python-backend models can read it.
+It imports nothing heavy at import time (no torch; tritonclient and NumPy only inside the functions
+that talk to a server) and nothing of ours from a higher layer, so every other package, the load
+generator's processes and the python-backend models can read it.
 """
 import os
 

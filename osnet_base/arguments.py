@@ -19,9 +19,10 @@ def _flag_type(hint: object) -> tuple[type, bool]:
 
 def add_dataclass_arguments(
     group: argparse._ActionsContainer, settings: type, *, exclude: typing.Collection[str] = (),
-    help: typing.Mapping[str, str] | None = None,
+    help: typing.Mapping[str, str] | None = None, prefix: str = "",
 ) -> None:
-    """One `--field-name` per field of `settings` not in `exclude`, typed and defaulted as the field is."""
+    """One `--<prefix>field-name` per field of `settings` not in `exclude`, typed and defaulted as the
+    field is (a prefix keeps them apart from the flags of a tool they are passed beside)."""
     hints = typing.get_type_hints(settings)
     for field in dataclasses.fields(settings):
         if field.name in exclude:
@@ -33,12 +34,12 @@ def add_dataclass_arguments(
         else:
             raise TypeError(f"{settings.__name__}.{field.name} has no default: exclude it and add its flag by hand")
         kind, _ = _flag_type(hints[field.name])
-        flag = f"--{field.name.replace('_', '-')}"
+        flag = f"--{prefix}{field.name.replace('_', '-')}"
         text = f"{(help or {}).get(field.name, '')} (default: {default})".strip()
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
-            group.add_argument(flag, type=kind, default=default, help=text)
+            group.add_argument(flag, dest=field.name, type=kind, default=default, help=text)
 
 
 def dataclass_from_arguments(settings: type, args: argparse.Namespace, **values: object):

@@ -1,17 +1,23 @@
 """Finding and running a real `tritonserver`: NVIDIA's (on PATH in their container), else the
 binary bundled in the nvidia-pytriton wheel, which runs the python backend on a CPU-only machine.
 
-`TritonServerProcess` is what the demo, the benchmarks and the tests use: a context manager that
-binds to 127.0.0.1 on free ports, waits until the server and its models are ready, keeps a bounded
-log, dies with its parent, and on stop leaves no process and no shared-memory region behind.
-The `tritonserver` console script (`exec_tritonserver`) makes the same binary usable by hand.
+The server always runs under the supervisor (`osnet_base.supervisor`): private shared memory, the
+administrative APIs behind a key, health from a real inference, a restart when a stub or the
+server dies, and nothing left behind. Both ways to run it go through the supervisor:
+- the `tritonserver` console script (`exec_tritonserver`), the documented way to serve by hand;
+- `TritonServerProcess`, what the demo, the benchmarks, `osnet-build` and the tests use: a context
+  manager that binds to 127.0.0.1 on free ports, waits until a real inference through the models
+  is answered correctly, keeps a bounded log, dies with its parent, and on stop leaves no process
+  and no shared-memory region behind.
 """
 from __future__ import annotations
 
 import collections
 import ctypes
+import dataclasses
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -21,9 +27,11 @@ import sysconfig
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from osnet_base.api_key import API_KEY_ENV, load_api_key
 from osnet_base.errors import OsnetTritonError
 
 logger = logging.getLogger(__name__)
@@ -111,6 +119,15 @@ def find_free_port() -> int:
         return probe.getsockname()[1]
 
 
+# The python backend's regions of a supervised server are named <family><12 hex>_g<generation>_<uuid>.
+REGION_FAMILY = "osnet_triton_"
+SUPERVISED_REGION = re.compile(rf"{REGION_FAMILY}[0-9a-f]{{12}}_g[0-9]+_")
+
+
+def new_region_prefix() -> str:
+    return f"{REGION_FAMILY}{uuid.uuid4().hex[:12]}_"
+
+
 @dataclass(kw_only=True)
 class TritonServerConfig:
     """Server flags. Ports of `None` are chosen free at start; addresses default to loopback only."""
@@ -122,7 +139,10 @@ class TritonServerConfig:
     metrics_port: int | None = None
     exit_timeout_s: int = 3
     log_verbose: int = 0
-    shm_region_prefix: str = field(default_factory=lambda: f"osnet_triton_{uuid.uuid4().hex[:12]}")
+    # Every region the server's python backend creates is named <prefix>g<generation>_<uuid>.
+    shm_region_prefix: str = field(default_factory=new_region_prefix)
+    # What callers of the restricted APIs must send (see osnet_base.api_key): by default this user's key.
+    api_key: str = field(default_factory=lambda: load_api_key(create=True), repr=False)
 
     def __post_init__(self) -> None:
         self.model_repository = Path(self.model_repository).resolve()
@@ -130,6 +150,7 @@ class TritonServerConfig:
             raise TritonServerError(f"model repository {self.model_repository} does not exist: run osnet-build first")
 
     def to_cli_flags(self) -> list[str]:
+        """tritonserver's flags; the supervisor adds the region prefix and the API restrictions."""
         return [
             f"--model-repository={self.model_repository}",
             f"--grpc-address={self.host}",
@@ -141,59 +162,199 @@ class TritonServerConfig:
             f"--exit-timeout-secs={self.exit_timeout_s}",
             f"--log-verbose={self.log_verbose}",
             "--disable-auto-complete-config",
-            f"--backend-config=python,shm-region-prefix-name={self.shm_region_prefix}",
         ]
 
 
-def _die_with_parent() -> None:
+SUPERVISOR_FLAG_PREFIX = "supervisor-"
+
+
+@dataclass(kw_only=True)
+class SupervisionPolicy:
+    """How the supervisor judges and heals the server. Detection bounds: a dead stub or server is seen
+    within `watch_interval_s`; a wedged one after `probe_failures` probes in a row failed, at most
+    probe_failures * (probe_interval_s + probe_timeout_s) after it stopped answering."""
+
+    start_timeout_s: float = 120.0  # a model that never loads fails the start, with the offending log line
+    probe_interval_s: float = 2.0
+    probe_timeout_s: float = 5.0  # generous: a probe queues behind the load like any request
+    probe_failures: int = 2
+    watch_interval_s: float = 0.25
+    restart: bool = True
+    # Restart at once after a server that ran `stable_after_s`; a crash loop waits 1, 2, 4 ... up to 30 s.
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 30.0
+    stable_after_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in ("start_timeout_s", "probe_interval_s", "probe_timeout_s", "watch_interval_s", "backoff_initial_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.probe_failures < 1:
+            raise ValueError(f"probe_failures must be >= 1, got {self.probe_failures}")
+        if self.backoff_max_s < self.backoff_initial_s or self.stable_after_s < 0:
+            raise ValueError("backoff_max_s must be >= backoff_initial_s and stable_after_s >= 0")
+
+    def backoff_s(self, failures_in_a_row: int) -> float:
+        """The wait before the next start after `failures_in_a_row` generations that never became stable."""
+        if failures_in_a_row == 0:
+            return 0.0
+        return min(self.backoff_max_s, self.backoff_initial_s * 2 ** (failures_in_a_row - 1))
+
+    def to_cli_flags(self) -> list[str]:
+        """The supervisor's flags for this policy (`osnet_base.supervisor` generates them from the fields)."""
+        flags = []
+        for name, value in vars(self).items():
+            flag = f"--{SUPERVISOR_FLAG_PREFIX}{name.replace('_', '-')}"
+            flags.append(flag if value is True else flag.replace("--", "--no-", 1) if value is False else f"{flag}={value}")
+        return flags
+
+
+def process_status(pid: int) -> tuple[str, int] | None:
+    """(state letter, parent pid) from /proc, or None once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[1])
+
+
+def process_arguments(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return [argument.decode(errors="replace") for argument in cmdline.read().split(b"\0") if argument]
+    except OSError:
+        return []
+
+
+def _owned_by_us(path: str | Path) -> bool:
+    try:
+        return os.stat(path, follow_symlinks=False).st_uid == os.getuid()
+    except OSError:
+        return False
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """This user's live processes with `text` in an argument: python-backend stubs carry their region prefix there."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and any(text in argument for argument in process_arguments(int(entry.name))):
+            status = process_status(int(entry.name))
+            if status is not None and status[0] not in "ZX" and _owned_by_us(entry.path):
+                found.append(int(entry.name))
+    return found
+
+
+def children_of(parent: int) -> list[int]:
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            status = process_status(int(entry.name))
+            if status is not None and status[1] == parent:
+                found.append(int(entry.name))
+    return found
+
+
+def shm_regions(prefix: str) -> list[Path]:
+    """This user's /dev/shm regions whose names start with `prefix`."""
+    return sorted(path for path in SHM_DIR.glob(f"{prefix}*") if _owned_by_us(path))
+
+
+def remove_regions(regions: Iterable[Path]) -> int:
+    removed = 0
+    for region in regions:
+        try:
+            region.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _die_with_parent(signal_number: int = signal.SIGKILL) -> None:
     PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal_number)
+
+
+def _terminate_with_parent() -> None:
+    # SIGTERM, not SIGKILL: the supervisor then still stops the server and removes its stubs and regions.
+    _die_with_parent(signal.SIGTERM)
+
+
+# What the supervisor logs when a generation serves, and when the first one never did.
+SUPERVISOR_SERVING = "tritonserver serving:"
+SUPERVISOR_START_FAILURE = "tritonserver did not start:"
 
 
 class TritonServerProcess:
-    """A tritonserver child process: `with TritonServerProcess(config) as server: server.grpc_url`."""
+    """A supervised tritonserver: `with TritonServerProcess(config) as server: server.grpc_url`.
 
-    def __init__(self, config: TritonServerConfig, install: TritonInstall | None = None, log_lines: int = 4000):
+    `pid` is the supervisor's: it leads a process group holding the server and its stubs.
+    """
+
+    def __init__(self, config: TritonServerConfig, log_lines: int = 4000, policy: SupervisionPolicy | None = None):
         self.config = config
-        self.install = install or locate_tritonserver()
+        self.policy = policy or SupervisionPolicy()
+        self.install = locate_tritonserver()
         self._log: collections.deque[str] = collections.deque(maxlen=log_lines)
         self._process: subprocess.Popen[str] | None = None
         self._log_reader: threading.Thread | None = None
+        self._serving = threading.Event()
+        self._start_failure: str | None = None
 
     @property
     def grpc_url(self) -> str:
         return f"{self.config.host}:{self.config.grpc_port}"
 
     @property
+    def api_key(self) -> str:
+        return self.config.api_key
+
+    @property
     def pid(self) -> int | None:
         return None if self._process is None else self._process.pid
+
+    def server_pid(self) -> int | None:
+        """The tritonserver the supervisor runs now (it changes when the supervisor restarts it)."""
+        if self._process is None:
+            return None
+        for child in children_of(self._process.pid):
+            arguments = process_arguments(child)
+            if arguments and Path(arguments[0]).name == "tritonserver":
+                return child
+        return None
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(list(self._log)[-lines:])
 
-    def start(self, timeout_s: float = 120.0) -> TritonServerProcess:
+    def start(self, timeout_s: float | None = None) -> TritonServerProcess:
+        """Start the supervisor and wait until it serves, at most `timeout_s` (default: the policy's
+        start timeout); a server that cannot start fails with its offending log line."""
         if self._process is not None:
             raise TritonServerError("this server was already started")
         for name in ("grpc_port", "http_port", "metrics_port"):
             if getattr(self.config, name) is None:
                 setattr(self.config, name, find_free_port())
-        command = self.install.command(self.config.to_cli_flags())
+        timeout_s = self.policy.start_timeout_s if timeout_s is None else timeout_s
+        policy = dataclasses.replace(self.policy, start_timeout_s=timeout_s)
+        command = [sys.executable, "-m", "osnet_base.supervisor", *policy.to_cli_flags(),
+                   f"--{SUPERVISOR_FLAG_PREFIX}region-prefix={self.config.shm_region_prefix}", *self.config.to_cli_flags()]
         logger.info("starting %s", " ".join(command))
         self._process = subprocess.Popen(
             command,
-            env=self.install.environment(),
+            env={**os.environ, API_KEY_ENV: self.config.api_key},  # the environment, unlike arguments, is private
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             errors="replace",
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=_terminate_with_parent,
         )
         self._log_reader = threading.Thread(target=self._read_log, name="tritonserver-log", daemon=True)
         self._log_reader.start()
         try:
-            self._wait_until_ready(timeout_s)
+            self._wait_until_serving(timeout_s)
         except BaseException:
             self.stop()
             raise
@@ -203,54 +364,47 @@ class TritonServerProcess:
         assert self._process is not None and self._process.stdout is not None
         for line in self._process.stdout:
             self._log.append(line.rstrip("\n"))
+            if SUPERVISOR_SERVING in line:
+                self._serving.set()
+            elif SUPERVISOR_START_FAILURE in line:
+                self._start_failure = line.split(SUPERVISOR_START_FAILURE, 1)[1].strip()
 
-    def _wait_until_ready(self, timeout_s: float) -> None:
-        import tritonclient.grpc as grpcclient
-        from tritonclient.utils import InferenceServerException
-
-        deadline = time.monotonic() + timeout_s
-        with grpcclient.InferenceServerClient(self.grpc_url) as client:
-            while time.monotonic() < deadline:
-                if self._process.poll() is not None:
-                    raise TritonServerError(
-                        f"tritonserver exited with status {self._process.returncode} while starting:\n{self.log_tail()}"
-                    )
-                try:
-                    if client.is_server_live() and client.is_server_ready():
-                        index = client.get_model_repository_index(as_json=True).get("models", [])
-                        failed = [m for m in index if m.get("state") == "UNAVAILABLE"]
-                        if failed:
-                            reasons = "; ".join(f"{m['name']}: {m.get('reason', '?')}" for m in failed)
-                            raise TritonServerError(f"models failed to load: {reasons}\n{self.log_tail()}")
-                        if index and all(m.get("state") == "READY" for m in index):
-                            logger.info("tritonserver ready on %s with %d models", self.grpc_url, len(index))
-                            return
-                except InferenceServerException:
-                    pass
-                time.sleep(0.1)
-        raise TritonServerError(f"tritonserver not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
+    def _wait_until_serving(self, timeout_s: float) -> None:
+        # The supervisor bounds the start itself and says when its own probe was answered; waiting
+        # for its word (not a probe of ours) means it watches the stubs before anyone uses them.
+        deadline = time.monotonic() + timeout_s + 15
+        while not self._serving.wait(0.05):
+            if self._process.poll() is not None:
+                self._log_reader.join(timeout=5)
+                reason = self._start_failure or f"its supervisor exited with status {self._process.returncode}"
+                raise TritonServerError(f"tritonserver did not start: {reason}\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise TritonServerError(f"tritonserver not serving after {timeout_s:.0f} s:\n{self.log_tail()}")
+        logger.info("tritonserver serving on %s", self.grpc_url)
 
     def stop(self) -> None:
-        """SIGINT, wait for a clean exit, then SIGKILL the whole process group; idempotent."""
+        """SIGTERM the supervisor (it stops the server and cleans up), then SIGKILL whatever is left; idempotent."""
         process = self._process
         if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGINT)
+            process.terminate()
             try:
-                # Triton gives models exit_timeout_s to unload; a server still up a little after
-                # that is stuck (seen with clients still connected), and is killed below.
-                process.wait(timeout=self.config.exit_timeout_s + 3)
+                process.wait(timeout=self.config.exit_timeout_s + 15)
             except subprocess.TimeoutExpired:
-                logger.warning("tritonserver did not exit on SIGINT; killing it")
+                logger.warning("the tritonserver supervisor did not exit on SIGTERM; killing its process group")
         if process is not None:
             try:
-                os.killpg(process.pid, signal.SIGKILL)  # python backend stubs share the server's group
+                os.killpg(process.pid, signal.SIGKILL)  # the server and its stubs share the supervisor's group
             except ProcessLookupError:
                 pass
             process.wait()
             if self._log_reader is not None:
                 self._log_reader.join(timeout=5)
-        for region in SHM_DIR.glob(f"{self.config.shm_region_prefix}*"):
-            region.unlink(missing_ok=True)
+        for pid in processes_mentioning(self.config.shm_region_prefix):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        remove_regions(shm_regions(self.config.shm_region_prefix))
 
     def __enter__(self) -> TritonServerProcess:
         if self._process is None:
@@ -261,13 +415,9 @@ class TritonServerProcess:
         self.stop()
 
 
-DEFAULT_ADDRESS_FLAGS = ("--grpc-address", "--http-address", "--metrics-address")
-
-
 def exec_tritonserver() -> None:
-    """The `tritonserver` command of the project's venv: the real server, bound to 127.0.0.1 unless told otherwise."""
-    install = locate_tritonserver()
-    flags = sys.argv[1:]
-    flags += [f"{flag}={LOOPBACK}" for flag in DEFAULT_ADDRESS_FLAGS if not any(f.startswith(flag) for f in flags)]
-    command = install.command(flags)
-    os.execve(command[0], command, install.environment())
+    """The `tritonserver` command of the project's venv: the real server under the supervisor, bound
+    to 127.0.0.1 unless told otherwise (`tritonserver --help` lists the supervisor's options too)."""
+    from osnet_base.supervisor import main
+
+    sys.exit(main(sys.argv[1:]))

@@ -24,6 +24,7 @@ from client.embedding_client import (
     ServerUnavailableError,
     _SharedMemoryInputs,
 )
+from osnet_base.api_key import grpc_headers, load_api_key
 from osnet_base.triton_server import find_free_port
 from engine_builder.preprocessing import preprocess_encoded
 from engine_builder.synthetic_people import encode_jpeg, person_jpegs, render_person
@@ -160,7 +161,8 @@ def test_wrong_tensor_is_refused_with_a_clear_message(triton_server, client, sha
 def _registered_shared_memory(url: str) -> set[str]:
     raw = grpcclient.InferenceServerClient(url)
     try:
-        return {region["name"] for region in raw.get_system_shared_memory_status(as_json=True).get("regions", {}).values()}
+        status = raw.get_system_shared_memory_status(headers=grpc_headers(load_api_key()), as_json=True)
+        return {region["name"] for region in status.get("regions", {}).values()}
     finally:
         raw.close()
 
@@ -181,7 +183,7 @@ def test_shared_memory_tensors_match_grpc_and_leave_nothing_behind(triton_server
             shared.embed_tensors(np.zeros((1, 3, 128, 256), np.float32), tensor_model)
         # As after a server restart: the server forgets every region; the client registers afresh.
         raw = grpcclient.InferenceServerClient(triton_server.grpc_url)
-        raw.unregister_system_shared_memory()
+        raw.unregister_system_shared_memory(headers=grpc_headers(triton_server.api_key))
         raw.close()
         np.testing.assert_allclose(shared.embed_tensors(batches[0], tensor_model), expected[0], atol=1e-5)
         renewed = _registered_shared_memory(triton_server.grpc_url)
@@ -195,7 +197,7 @@ def test_shared_memory_tensors_match_grpc_and_leave_nothing_behind(triton_server
 def test_a_region_a_request_still_holds_is_unregistered_once_it_is_released(triton_server, tensor_model):
     batch = np.zeros((64, 3, 256, 128), np.float32)  # ~0.1 s of work: the server holds the region meanwhile
     raw = grpcclient.InferenceServerClient(triton_server.grpc_url)
-    inputs = _SharedMemoryInputs(raw, triton_server.grpc_url)
+    inputs = _SharedMemoryInputs(raw, triton_server.grpc_url, grpc_headers(triton_server.api_key))
     region = inputs.acquire(batch.nbytes)
     system_shm.set_shared_memory_region(region.handle, [batch])
     request = grpcclient.InferInput("INPUT", list(batch.shape), "FP32")
