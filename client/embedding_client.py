@@ -32,6 +32,15 @@ from osnet_base.errors import OsnetTritonError
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+# tritonclient's own message limits, and one connection per client that retries every 2 s at most while
+# its server is down: gRPC's back-off otherwise grows to 2 minutes after a restart, and channels to one
+# address share a connection, so a new client would inherit an old one's back-off.
+CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+    ("grpc.max_receive_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
 # Triton's words for a region it does not know, and for one a request still holds.
 UNKNOWN_REGION_MESSAGE = "Unable to find shared memory region"
 REGION_IN_USE_MESSAGE = "it is currently in use"
@@ -217,7 +226,7 @@ class EmbeddingClient:
         self.url = check_grpc_url(url)
         self.model = model
         self.timeout_s = timeout_s
-        self._client = grpcclient.InferenceServerClient(url)
+        self._client = grpcclient.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
         self._headers = grpc_headers(api_key or load_api_key())
         self._shared_inputs = _SharedMemoryInputs(self._client, url, self._headers) if shared_memory else None
 

@@ -8,28 +8,25 @@ clients that reach the servers themselves; nginx (`deploy.nginx`) does it for ev
   round the servers in turn, so sequential requests still spread.
 - A server leaves the rotation when a request to it fails with UNAVAILABLE or its health probe fails.
   A probe thread checks every server every `check_interval_s`; a server comes back when its probe passes.
-- Healthy is `check_server`: Triton says ready *and* a tiny real inference through the image model
-  comes back as a correct embedding (Triton stays ready while a dead python-backend stub fails every
-  request).
+- Healthy is `check_server`: a tiny real inference through the image model comes back as a correct
+  embedding (Triton stays ready while a dead python-backend stub fails every request).
 - A request that fails with UNAVAILABLE (server gone, unreachable, shutting down) is sent once more,
   to another server: an embedding has no side effect, so sending it twice is safe.
 - `stats()` says where the requests went.
 """
 from __future__ import annotations
 
-import io
 import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Generic, TypeVar
 
-import numpy as np
 from tritonclient.utils import InferenceServerException
 
 from client.embedding_client import ClientError, EmbeddingClient, ServerUnavailableError, check_grpc_url
-from osnet_base.contract import DEFAULT_URL, ENSEMBLE_MODEL, FEATURE_DIM
+from osnet_base.contract import DEFAULT_URL, ENSEMBLE_MODEL
+from osnet_base.health import check_inference, probe_image_png
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +34,6 @@ Connection = TypeVar("Connection")
 Result = TypeVar("Result")
 
 DEFAULT_CHECK_INTERVAL_S = 2.0
-NORM_TOLERANCE = 1e-3  # the server normalises in FP32
 
 
 def split_urls(urls: str | Sequence[str]) -> list[str]:
@@ -52,37 +48,17 @@ def split_urls(urls: str | Sequence[str]) -> list[str]:
     return found
 
 
-@lru_cache(maxsize=1)
 def probe_image() -> bytes:
-    """A small PNG for health probes: any image the ensemble can decode would do."""
-    from PIL import Image
-
-    pixels = np.linspace(0, 255, 64 * 128 * 3).astype(np.uint8).reshape(128, 64, 3)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
+    """The small PNG of the health probes: any image the ensemble can decode would do."""
+    return probe_image_png()
 
 
 def check_server(url: str, timeout_s: float = 5.0, model: str = ENSEMBLE_MODEL) -> str | None:
-    """None when the server at `url` is ready and answers the probe image through `model` with a
-    [1, 512] finite unit-norm embedding; otherwise why not. Never raises for the server's sake."""
-    import tritonclient.grpc as grpcclient
-
-    try:
-        with grpcclient.InferenceServerClient(url) as raw:
-            if not raw.is_server_ready(client_timeout=timeout_s):
-                return f"{url} is not ready"
-        with EmbeddingClient(url, model, timeout_s=timeout_s) as client:
-            embedding = client.embed_images([probe_image()])
-    except InferenceServerException as exc:
-        return f"{url}: {exc.status() or 'error'}: {exc.message() or exc}"
-    except ClientError as exc:
-        return str(exc)
-    if embedding is None or embedding.shape != (1, FEATURE_DIM) or not np.isfinite(embedding).all():
-        return f"{url} answered the probe with a malformed embedding"
-    if abs(float(np.linalg.norm(embedding.astype(np.float64))) - 1.0) > NORM_TOLERANCE:
-        return f"{url} answered the probe with an embedding that is not unit-norm"
-    return None
+    """None when the server at `url` answers the probe image through `model` with a correct embedding
+    (`osnet_base.health.check_inference`, the supervisor's probe too); otherwise why not. Never
+    raises for the server's sake."""
+    check = check_inference(url, timeout_s, model)
+    return None if check.ok else f"{url}: {check.detail}"
 
 
 def is_unavailable(exc: BaseException) -> bool:
@@ -259,14 +235,14 @@ class PooledEmbeddingClient(EmbeddingClient):
     """
 
     def __init__(self, url: str | Sequence[str] = DEFAULT_URL, model: str = ENSEMBLE_MODEL, timeout_s: float = 60.0,
-                 shared_memory: bool = False, check_interval_s: float = DEFAULT_CHECK_INTERVAL_S):
+                 shared_memory: bool = False, api_key: str | None = None, check_interval_s: float = DEFAULT_CHECK_INTERVAL_S):
         if shared_memory:
             raise ClientError("shared memory needs one server on this host: give a single URL with it")
         self.model, self.timeout_s = model, timeout_s
         self._shared_inputs = None
         probe_timeout_s = min(timeout_s, 5.0)
         self.pool: ServerPool[EmbeddingClient] = ServerPool(
-            url, lambda one: EmbeddingClient(one, model, timeout_s=timeout_s),
+            url, lambda one: EmbeddingClient(one, model, timeout_s=timeout_s, api_key=api_key),
             probe=lambda one: check_server(one, probe_timeout_s, model), check_interval_s=check_interval_s,
         )
         self.url = ",".join(self.pool.urls)

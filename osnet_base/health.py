@@ -76,8 +76,9 @@ def judge_embedding(embedding: Any, reference: Any = None) -> str | None:
 
 
 def check_inference(url: str, timeout_s: float = 5.0, model: str = ENSEMBLE_MODEL, reference: Any = None) -> InferenceCheck:
-    """Send the probe image to `model` at `url` (gRPC) and judge the answer. Never raises for the
-    server's sake: an unreachable, failing, slow or wrong server is a failed check with the reason."""
+    """Send the probe image to `model` at `url` (gRPC, a connection of its own) and judge the answer.
+    Never raises for the server's sake: an unreachable, failing, slow or wrong server is a failed
+    check with the reason."""
     import numpy as np
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
@@ -91,7 +92,10 @@ def check_inference(url: str, timeout_s: float = 5.0, model: str = ENSEMBLE_MODE
                                   client_timeout=timeout_s)
             embedding = result.as_numpy(EMBEDDING_NAME)
     except InferenceServerException as exc:
-        return InferenceCheck(False, f"{exc.status() or 'error'}: {exc.message() or exc}", time.monotonic() - started)
+        status, message = exc.status() or "error", exc.message() or str(exc)
+        if "NOT_FOUND" in status or "unknown model" in message:
+            message = f"the server at {url} does not serve model {model!r}: {message}"
+        return InferenceCheck(False, f"{status}: {message}", time.monotonic() - started)
     latency = time.monotonic() - started
     problem = judge_embedding(embedding, reference)
     if problem is not None:

@@ -26,8 +26,10 @@ from __future__ import annotations
 import argparse
 import collections
 import ctypes
+import json
 import logging
 import os
+import secrets
 import select
 import signal
 import stat
@@ -42,20 +44,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from osnet_base.api_key import load_api_key, restriction_flags
+from osnet_base.api_key import API_KEY_ENV, api_key_file, load_api_key, restriction_flags
 from osnet_base.arguments import add_dataclass_arguments, dataclass_from_arguments
 from osnet_base.contract import ENSEMBLE_MODEL
 from osnet_base.health import PROBE_CHANNEL_ARGS, InferenceCheck, check_inference
 from osnet_base.triton_server import (
     LOOPBACK,
     REGION_FAMILY,
+    SERVER_COMMAND_ENV,
     SHM_DIR,
     SUPERVISOR_FLAG_PREFIX,
     SUPERVISOR_SERVING,
     SUPERVISOR_START_FAILURE,
     SUPERVISED_REGION,
     SupervisionPolicy,
-    TritonInstall,
     TritonServerError,
     _die_with_parent,
     children_of,
@@ -273,9 +275,11 @@ class _Generation:
 class TritonSupervisor:
     """Runs tritonserver generation after generation until asked to stop; see the module docstring."""
 
-    def __init__(self, install: TritonInstall, flags: list[str], *, api_key: str, region_prefix: str, probe_url: str,
-                 probe_model: str | None, exit_timeout_s: float, policy: SupervisionPolicy, log_lines: int = 2000):
-        self.install, self.flags, self.api_key = install, flags, api_key
+    def __init__(self, server_command: list[str], server_environment: dict[str, str], flags: list[str], *, api_key: str,
+                 region_prefix: str, probe_url: str, probe_model: str | None, exit_timeout_s: float,
+                 policy: SupervisionPolicy, log_lines: int = 2000):
+        self.server_command, self.server_environment = server_command, server_environment
+        self.flags, self.api_key = flags, api_key
         self.region_prefix, self.probe_url, self.probe_model = region_prefix, probe_url, probe_model
         self.exit_timeout_s, self.policy, self.log_lines = exit_timeout_s, policy, log_lines
         self._stopping = threading.Event()
@@ -320,12 +324,11 @@ class TritonSupervisor:
     def _start(self, number: int) -> _Generation:
         prefix = f"{self.region_prefix}g{number}_"
         private_regions = PrivateRegions(prefix).start()  # watching before the server can create any
-        command = self.install.command(
-            [*self.flags, f"--backend-config=python,shm-region-prefix-name={prefix}", *restriction_flags(self.api_key)]
-        )
+        command = [*self.server_command, *self.flags, f"--backend-config=python,shm-region-prefix-name={prefix}",
+                   *restriction_flags(self.api_key)]
         process = subprocess.Popen(
             command,
-            env=self.install.environment(),
+            env=self.server_environment,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -508,6 +511,16 @@ def _probe_host(address: str) -> str:
     return f"[{address}]" if ":" in address and not address.startswith("[") else address
 
 
+def _api_key() -> str:
+    try:
+        return load_api_key(create=True)
+    except OSError as exc:
+        # Locked to a key nobody else has is still safe: the server serves, its admin APIs answer no one.
+        logger.warning("cannot keep an API key in %s (%s): the restricted APIs answer no one this run; "
+                       "set %s to share one", api_key_file(), exc, API_KEY_ENV)
+        return secrets.token_urlsafe(32)
+
+
 def supervisor_from_flags(argv: list[str]) -> TritonSupervisor:
     options, triton_flags = supervisor_parser().parse_known_args(argv)
     served, _ = _served_flags_parser().parse_known_args(triton_flags)
@@ -524,8 +537,15 @@ def supervisor_from_flags(argv: list[str]) -> TritonSupervisor:
     if not has_ensemble:
         logger.warning("no %s ensemble in the repository: health is Triton's own readiness, not a real inference", ENSEMBLE_MODEL)
     policy = dataclass_from_arguments(SupervisionPolicy, options)
+    environment = dict(os.environ)
+    given = environment.pop(SERVER_COMMAND_ENV, None)  # TritonServerProcess's own install
+    if given is not None:
+        server_command = json.loads(given)
+    else:
+        install = locate_tritonserver()
+        server_command, environment = install.command([]), install.environment()
     return TritonSupervisor(
-        locate_tritonserver(), flags, api_key=load_api_key(create=True),
+        server_command, environment, flags, api_key=_api_key(),
         region_prefix=options.region_prefix or new_region_prefix(),
         probe_url=f"{_probe_host(served.grpc_address)}:{served.grpc_port}",
         probe_model=ENSEMBLE_MODEL if has_ensemble else None, exit_timeout_s=served.exit_timeout_secs, policy=policy,
@@ -544,9 +564,6 @@ def main(argv: list[str] | None = None) -> int:
         supervisor = supervisor_from_flags(argv)
     except (TritonServerError, ValueError) as exc:
         logger.error("%s", exc)
-        return 2
-    except OSError as exc:  # the key file could not be made
-        logger.error("no API key: %s; set OSNET_TRITON_API_KEY", exc)
         return 2
     for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(number, supervisor.request_stop)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -281,6 +282,8 @@ def _terminate_with_parent() -> None:
     _die_with_parent(signal.SIGTERM)
 
 
+# How TritonServerProcess hands its TritonInstall's command (JSON argv, the flags follow) to the supervisor.
+SERVER_COMMAND_ENV = "OSNET_TRITON_SERVER_COMMAND"
 # What the supervisor logs when a generation serves, and when the first one never did.
 SUPERVISOR_SERVING = "tritonserver serving:"
 SUPERVISOR_START_FAILURE = "tritonserver did not start:"
@@ -292,10 +295,11 @@ class TritonServerProcess:
     `pid` is the supervisor's: it leads a process group holding the server and its stubs.
     """
 
-    def __init__(self, config: TritonServerConfig, log_lines: int = 4000, policy: SupervisionPolicy | None = None):
+    def __init__(self, config: TritonServerConfig, install: TritonInstall | None = None, log_lines: int = 4000,
+                 policy: SupervisionPolicy | None = None):
         self.config = config
         self.policy = policy or SupervisionPolicy()
-        self.install = locate_tritonserver()
+        self.install = install or locate_tritonserver()
         self._log: collections.deque[str] = collections.deque(maxlen=log_lines)
         self._process: subprocess.Popen[str] | None = None
         self._log_reader: threading.Thread | None = None
@@ -342,7 +346,9 @@ class TritonServerProcess:
         logger.info("starting %s", " ".join(command))
         self._process = subprocess.Popen(
             command,
-            env={**os.environ, API_KEY_ENV: self.config.api_key},  # the environment, unlike arguments, is private
+            # The environment, unlike the arguments, is private: the key and the server's command go there.
+            env={**self.install.environment(), API_KEY_ENV: self.config.api_key,
+                 SERVER_COMMAND_ENV: json.dumps(self.install.command([]))},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
