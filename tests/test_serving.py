@@ -183,7 +183,14 @@ def test_shared_memory_tensors_match_grpc_and_leave_nothing_behind(triton_server
             shared.embed_tensors(np.zeros((1, 3, 128, 256), np.float32), tensor_model)
         # As after a server restart: the server forgets every region; the client registers afresh.
         raw = grpcclient.InferenceServerClient(triton_server.grpc_url)
-        raw.unregister_system_shared_memory(headers=grpc_headers(triton_server.api_key))
+        for attempt in range(20):  # Triton refuses "in use" until the refused request above lets go of its region
+            try:
+                raw.unregister_system_shared_memory(headers=grpc_headers(triton_server.api_key))
+                break
+            except InferenceServerException:
+                if attempt == 19:
+                    raise
+                time.sleep(0.01 * (attempt + 1))
         raw.close()
         np.testing.assert_allclose(shared.embed_tensors(batches[0], tensor_model), expected[0], atol=1e-5)
         renewed = _registered_shared_memory(triton_server.grpc_url)
