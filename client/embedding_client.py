@@ -1,12 +1,15 @@
 """Embedding person crops through Triton over gRPC.
 
-`EmbeddingClient` sends encoded images to the `osnet` ensemble (or preprocessed tensors to a tensor
-model) and returns L2-normalised embeddings. Transport failures become the few exceptions below,
-with messages that say what to do; nothing else from gRPC leaks out.
+`EmbeddingClient` sends encoded images to the `osnet` ensemble, or pixels it already holds (crops a
+detector cut from a frame) straight to the tensor model the ensemble runs, and returns L2-normalised
+embeddings. Pixels travel as the tensor model's input, uint8 [N,256,128,3] RGB: `embed_crops` resizes
+crops of any size exactly as the server's preprocessor resizes a decoded file, so no JPEG round trip
+is needed and the embedding is the one the image would get. Transport failures become the few
+exceptions below, with messages that say what to do; nothing else from gRPC leaks out.
 
-A client on the server's host can pass tensors through Triton system shared memory
-(`shared_memory=True`): a batch-32 tensor request is 12.6 MB, and over gRPC its copies and
-serialisation cost the client and the server ~25-30 ms of CPU; through shared memory it is one copy.
+A client on the server's host can pass pixels through Triton system shared memory
+(`shared_memory=True`): a batch of 32 is 3.1 MB, which gRPC and protobuf copy several times on
+both sides; through shared memory it is one copy.
 """
 from __future__ import annotations
 
@@ -25,12 +28,21 @@ import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as system_shm
 from tritonclient.utils import InferenceServerException
 
-from osnet_base.contract import DEFAULT_URL, EMBEDDING_NAME, ENSEMBLE_MODEL, IMAGE_NAME, INPUT_NAME
+from osnet_base.contract import (
+    DEFAULT_URL,
+    EMBEDDING_NAME,
+    ENSEMBLE_MODEL,
+    IMAGE_FILE_SUFFIXES,
+    IMAGE_NAME,
+    INPUT_DATATYPE,
+    INPUT_NAME,
+    INPUT_SHAPE,
+)
 from osnet_base.errors import OsnetTritonError
+from osnet_base.image_decoding import ImageRejected, pixels_of_array
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 # Triton's words for a region it does not know, and for one a request still holds.
 UNKNOWN_REGION_MESSAGE = "Unable to find shared memory region"
 REGION_IN_USE_MESSAGE = "it is currently in use"
@@ -183,7 +195,7 @@ class _SharedMemoryInputs:
 class EmbeddingClient:
     """A gRPC client for one server; safe to share between threads.
 
-    `shared_memory=True` sends `embed_tensors` batches through Triton system shared memory; the
+    `shared_memory=True` sends pixel batches (`embed_tensors`, `embed_crops`) through Triton system shared memory; the
     server must run on this host. Images and all responses still travel over gRPC.
     """
 
@@ -194,6 +206,7 @@ class EmbeddingClient:
         self.timeout_s = timeout_s
         self._client = grpcclient.InferenceServerClient(url)
         self._shared_inputs = _SharedMemoryInputs(self._client, url) if shared_memory else None
+        self._tensor_model: str | None = None
 
     def close(self) -> None:
         if self._shared_inputs is not None:
@@ -207,7 +220,7 @@ class EmbeddingClient:
         self.close()
 
     def embed_images(self, images: Sequence[bytes], output: str = EMBEDDING_NAME) -> np.ndarray:
-        """Embed encoded JPEG/PNG images in one request: [N, 512] FP32."""
+        """Embed encoded JPEG/PNG images in one request through the ensemble: [N, 512] FP32."""
         if len(images) == 0:
             raise InvalidInputError("empty batch: pass at least one image")
         encoded = np.array([[image] for image in images], dtype=np.object_)
@@ -215,30 +228,60 @@ class EmbeddingClient:
         request.set_data_from_numpy(encoded)
         return self._infer(self.model, request, output)
 
-    def embed_tensors(self, tensors: np.ndarray, model: str, output: str = EMBEDDING_NAME) -> np.ndarray:
-        """Embed preprocessed images [N, 3, 256, 128] FP32 with a tensor model such as `osnet_x1_0_fp32`."""
-        if tensors.ndim != 4 or len(tensors) == 0:
-            raise InvalidInputError(f"expected a non-empty batch [N, 3, 256, 128], got shape {tensors.shape}")
-        tensors = np.ascontiguousarray(tensors, dtype=np.float32)
-        request = grpcclient.InferInput(INPUT_NAME, list(tensors.shape), "FP32")
+    def embed_tensors(self, pixels: np.ndarray, model: str, output: str = EMBEDDING_NAME) -> np.ndarray:
+        """Embed the tensor model's input, uint8 pixels [N, 256, 128, 3] RGB, with a tensor model such as
+        `osnet_x1_0_int8` (`served_tensor_model()` names the one the ensemble runs)."""
+        pixels = np.asarray(pixels)
+        if pixels.dtype != np.uint8 or pixels.shape[1:] != INPUT_SHAPE or len(pixels) == 0:
+            raise InvalidInputError(
+                f"expected a non-empty batch of uint8 pixels [N, {', '.join(map(str, INPUT_SHAPE))}], got {pixels.dtype} "
+                f"{list(pixels.shape)}: the tensor models normalise themselves; embed_crops resizes crops of any size")
+        pixels = np.ascontiguousarray(pixels)
+        request = grpcclient.InferInput(INPUT_NAME, list(pixels.shape), INPUT_DATATYPE)
         if self._shared_inputs is None:
-            request.set_data_from_numpy(tensors)
+            request.set_data_from_numpy(pixels)
             return self._infer(model, request, output)
-        return self._infer_shared(tensors, request, model, output)
+        return self._infer_shared(pixels, request, model, output)
 
-    def _infer_shared(self, tensors: np.ndarray, request: grpcclient.InferInput, model: str, output: str,
-                      retry: bool = True) -> np.ndarray:
-        region = self._shared_inputs.acquire(tensors.nbytes)
+    def embed_crops(self, crops: Sequence[np.ndarray], model: str | None = None, output: str = EMBEDDING_NAME) -> np.ndarray:
+        """Embed decoded crops (uint8 [H,W,3] RGB, [H,W,4] RGBA or [H,W] gray, any size) in one request to
+        the tensor model (default: the one the ensemble runs), resized as the preprocessor resizes a
+        decoded image: the same embedding as the ensemble gives the crop saved losslessly, a quarter of
+        the bytes of FP32, and no encoding."""
+        if len(crops) == 0:
+            raise InvalidInputError("empty batch: pass at least one crop")
         try:
-            system_shm.set_shared_memory_region(region.handle, [tensors])
-            request.set_shared_memory(region.name, tensors.nbytes)
+            pixels = np.stack([pixels_of_array(crop, index) for index, crop in enumerate(crops)])
+        except ImageRejected as exc:
+            raise InvalidInputError(str(exc)) from None
+        return self.embed_tensors(pixels, model or self.served_tensor_model(), output)
+
+    def served_tensor_model(self) -> str:
+        """The tensor model the ensemble (this client's `model`) runs, asked of the server once."""
+        if self._tensor_model is None:
+            try:
+                config = self._client.get_model_config(self.model, as_json=True)["config"]
+            except InferenceServerException as exc:
+                raise _translate(exc, self.url, self.model) from None
+            steps = config.get("ensemble_scheduling", {}).get("step", [])
+            if not steps:
+                raise ModelNotFoundError(f"{self.model} at {self.url} is not an ensemble: name the tensor model")
+            self._tensor_model = steps[-1]["model_name"]
+        return self._tensor_model
+
+    def _infer_shared(self, pixels: np.ndarray, request: grpcclient.InferInput, model: str, output: str,
+                      retry: bool = True) -> np.ndarray:
+        region = self._shared_inputs.acquire(pixels.nbytes)
+        try:
+            system_shm.set_shared_memory_region(region.handle, [pixels])
+            request.set_shared_memory(region.name, pixels.nbytes)
             return self._client_infer(model, request, output)
         except InferenceServerException as exc:
             if retry and UNKNOWN_REGION_MESSAGE in (exc.message() or ""):
                 # The server restarted, or the region was unregistered: register afresh, once.
                 self._shared_inputs.discard(region)
                 region = None
-                return self._infer_shared(tensors, request, model, output, retry=False)
+                return self._infer_shared(pixels, request, model, output, retry=False)
             raise _translate(exc, self.url, model, self.timeout_s) from None
         finally:
             if region is not None:
@@ -274,7 +317,7 @@ def list_images(paths: Sequence[str | Path]) -> list[Path]:
     found: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_FILE_SUFFIXES and p.is_file())
         elif path.is_file():
             found.append(path)
         else:

@@ -9,7 +9,8 @@ from tritonclient.grpc import model_config_pb2
 
 from engine_builder.cli import build_parser
 from engine_builder.cpu_runtimes import RUNTIMES
-from engine_builder.triton_repository import CpuRepositorySettings, parse_config, served_tensor_model, write_cpu_models
+from engine_builder.triton_repository import MAX_DECODE_THREADS, CpuRepositorySettings, parse_config, served_tensor_model, write_cpu_models
+from osnet_base.image_decoding import DEFAULT_BUDGETS
 
 VARIANT = "osnet_x0_25"
 
@@ -29,7 +30,7 @@ def test_repository_layout(served_repository, tensor_model):
 def test_tensor_model_config(served_repository, tensor_model):
     config = read_config(served_repository, tensor_model)
     assert config.backend == "python" and config.max_batch_size >= 64
-    assert [(i.name, list(i.dims)) for i in config.input] == [("INPUT", [3, 256, 128])]
+    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [("INPUT", model_config_pb2.TYPE_UINT8, [256, 128, 3])]
     assert [(o.name, list(o.dims)) for o in config.output] == [("EMBEDDING", [512]), ("FEATURES", [512])]
     assert config.HasField("dynamic_batching")
     assert config.parameters["EXECUTION_ENV_PATH"].string_value  # the venv with ONNX Runtime and NumPy < 2
@@ -44,13 +45,29 @@ def test_ensemble_wires_image_to_embedding(served_repository, tensor_model):
     assert dict(steps[1].output_map) == {"EMBEDDING": "EMBEDDING", "FEATURES": "FEATURES"}
 
 
-def test_preprocess_limits_image_size(served_repository):
+def test_preprocess_carries_its_budgets_and_decodes_on_the_cores(served_repository):
     config = read_config(served_repository, "preprocess")
-    assert int(config.parameters["MAX_IMAGE_PIXELS"].string_value) == 16_000_000
+    parameters = {key: int(value.string_value) for key, value in config.parameters.items() if key != "EXECUTION_ENV_PATH"}
+    instances, threads = CpuRepositorySettings().preprocess_layout()
+    assert parameters == {"MAX_IMAGE_BYTES": DEFAULT_BUDGETS.max_image_bytes, "MAX_IMAGE_PIXELS": DEFAULT_BUDGETS.max_image_pixels,
+                          "MAX_REQUEST_PIXELS": DEFAULT_BUDGETS.max_request_pixels, "DECODE_THREADS": threads}
+    assert config.instance_group[0].count == instances
     assert config.input[0].data_type == model_config_pb2.TYPE_STRING
+    assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [("INPUT", model_config_pb2.TYPE_UINT8, [256, 128, 3])]
+    assert {p.name for p in (served_repository / "preprocess" / "1").iterdir()} >= {"model.py", "contract.py", "image_decoding.py"}
 
 
-@pytest.mark.parametrize("bad", [{"max_batch_size": 0}, {"instances": 0}, {"intra_op_threads": 0}])
+def test_preprocess_layout_shares_the_cores_out():
+    cores = len(os.sched_getaffinity(0))
+    instances, threads = CpuRepositorySettings().preprocess_layout()
+    assert instances * threads >= cores and threads <= max(MAX_DECODE_THREADS, 1) and instances == -(-cores // MAX_DECODE_THREADS)
+    assert CpuRepositorySettings(preprocess_instances=3).preprocess_layout() == (3, max(1, -(-cores // 3)))
+    assert CpuRepositorySettings(preprocess_instances=2, decode_threads=5).preprocess_layout() == (2, 5)
+
+
+@pytest.mark.parametrize("bad", [{"max_batch_size": 0}, {"instances": 0}, {"intra_op_threads": 0}, {"max_image_bytes": 0},
+                                 {"max_image_pixels": 10, "max_request_pixels": 5}, {"decode_threads": 0},
+                                 {"preprocess_instances": 0}])
 def test_settings_refuse_nonsense(bad):
     with pytest.raises(ValueError):
         CpuRepositorySettings(**bad)
@@ -147,6 +164,20 @@ def test_instances_reach_preprocess_the_cpu_model_and_the_engines(tmp_path):
         assert read_config(tmp_path / "repo", model).instance_group[0].count == 2, model
 
 
+def test_preprocess_budgets_and_threads_reach_cpu_and_gpu_builds(tmp_path):
+    settings = settings_from(["--max-image-bytes", "5000", "--max-image-pixels", "7000", "--max-request-pixels", "9000",
+                              "--preprocess-instances", "2", "--decode-threads", "3", "--precision", "fp32", "fp16"])
+    expected = {"MAX_IMAGE_BYTES": "5000", "MAX_IMAGE_PIXELS": "7000", "MAX_REQUEST_PIXELS": "9000", "DECODE_THREADS": "3"}
+    for repository in (tmp_path / "cpu", tmp_path / "gpu"):
+        if repository.name == "cpu":
+            write_cpu_models(repository, settings.variant, settings.cpu_repository(), RUNTIMES["onnxruntime-fp32"])
+        else:
+            write_gpu_build(repository, settings)
+        config = read_config(repository, "preprocess")
+        assert {k: v.string_value for k, v in config.parameters.items() if k in expected} == expected, repository.name
+        assert config.instance_group[0].count == 2
+
+
 def test_calib_method_reaches_both_int8_graphs():
     settings = settings_from(["--calib-method", "entropy", "--precision", "fp32", "int8"])
     assert settings.runtime_selection().calibration_method == "entropy"
@@ -164,6 +195,8 @@ def test_calib_method_reaches_both_int8_graphs():
     (["--calib-dir", "/nonexistent/crops"], "calibration image folder /nonexistent/crops does not exist"),
     (["--weights", "/nonexistent/w.pth"], "checkpoint /nonexistent/w.pth does not exist"),
     (["--python-env", "/nonexistent/venv"], "is not a folder"),
+    (["--decode-threads", "0"], "decode threads must be >= 1"),
+    (["--max-image-pixels", "200", "--max-request-pixels", "100"], "max_request_pixels (100) must hold at least one image"),
 ])
 def test_a_setting_that_cannot_be_honoured_is_refused_before_any_work(tmp_path, capsys, argv, reason):
     from engine_builder.cli import main
