@@ -73,7 +73,8 @@ def add_serving_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("serving")
     group.add_argument("--repository", type=Path, default=Path("triton_repo"), help="output model repository (default: %(default)s)")
     group.add_argument("--precision", nargs="+", default=["fp32"], choices=PRECISIONS, help="models to build (default: fp32)")
-    group.add_argument("--instances", type=int, default=1, help="instances of every model (default: %(default)s)")
+    group.add_argument("--instances", type=int, default=1,
+                       help="instances of the tensor model, CPU or TensorRT (default: %(default)s; preprocess: --preprocess-instances)")
     group.add_argument("--intra-op-threads", type=int,
                        help="runtime threads per CPU instance (default: every core for one instance, the cores shared out between several)")
     group.add_argument("--python-env", type=Path, default=building_venv(),

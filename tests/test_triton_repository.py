@@ -153,15 +153,15 @@ def test_max_batch_size_16_reaches_the_engine_profile_and_every_config(tmp_path)
         assert read_config(tmp_path / "repo", model).max_batch_size == 16, model
 
 
-def test_instances_reach_preprocess_the_cpu_model_and_the_engines(tmp_path):
+def test_instances_reach_the_cpu_model_and_the_engines_and_preprocess_has_its_own(tmp_path):
     from engine_builder.cpu_runtimes import RUNTIMES
     from engine_builder.triton_repository import write_cpu_models
 
-    settings = settings_from(["--instances", "2", "--precision", "fp32", "fp16"])
+    settings = settings_from(["--instances", "2", "--preprocess-instances", "3", "--precision", "fp32", "fp16"])
     cpu_model = write_cpu_models(tmp_path / "repo", settings.variant, settings.cpu_repository(), RUNTIMES["onnxruntime-fp32"])
     served = write_gpu_build(tmp_path / "repo", settings)  # was: preprocess rewritten with 1 instance
-    for model in ("preprocess", cpu_model, served):
-        assert read_config(tmp_path / "repo", model).instance_group[0].count == 2, model
+    for model, count in (("preprocess", 3), (cpu_model, 2), (served, 2)):
+        assert read_config(tmp_path / "repo", model).instance_group[0].count == count, model
 
 
 def test_preprocess_budgets_and_threads_reach_cpu_and_gpu_builds(tmp_path):
