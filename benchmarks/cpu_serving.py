@@ -35,7 +35,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -239,22 +238,21 @@ class SharedRegions:
 
 
 class InProcessPipeline:
-    """Decode + model in one process: the preprocessor's decoding on `threads` threads, then `embed`."""
+    """Decode + model in one process: the preprocessor's own opening and decoding, on as many threads, then `embed`."""
 
     def __init__(self, embed: Callable[[np.ndarray], np.ndarray], budgets, threads: int):
-        self.embed, self.budgets = embed, budgets
-        self.pool = ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
+        from osnet_base.image_decoding import ParallelDecoder
+
+        self.embed, self.budgets, self.decoder = embed, budgets, ParallelDecoder(threads)
 
     def __call__(self, encoded: Sequence[bytes]) -> np.ndarray:
-        from osnet_base.image_decoding import decode_item, open_request
+        from osnet_base.image_decoding import open_request
 
         images = open_request(encoded, self.budgets)
-        decoded = map(decode_item, images, range(len(images))) if self.pool is None else self.pool.map(decode_item, images, range(len(images)))
-        return self.embed(np.stack(list(decoded)))
+        return self.embed(np.stack(self.decoder.decode([(image, index) for index, image in enumerate(images)])))
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
+        self.decoder.close()
 
 
 def benchmark_variant(variant: str, seconds: float, rounds: int, workdir: Path, settings, load: ForeignLoad) -> tuple[list[Row], str]:
@@ -358,22 +356,21 @@ def served_rows(url, runtime_name, tensor_model, jpegs, pixels, reference, batch
     with EmbeddingClient(url, shared_memory=True) as client:
         shared_cosine = min_cosine(np.concatenate([client.embed_tensors(pixels[part], tensor_model) for part in batches]), reference)
 
-    def ensemble_calls(size: int, clients: int) -> list[Callable[[], int]]:
-        requests = [calls.request(ENSEMBLE_MODEL, IMAGE_NAME, "BYTES", np.array([[jpeg] for jpeg in jpegs[start : start + size]], dtype=np.object_),
-                                  EMBEDDING_NAME) for start in range(0, len(jpegs), size)]
+    def clients_cycling(requests: list, clients: int) -> list[Callable[[], int]]:
+        """`clients` callers, each on its own channel, each sending the next of `requests` at every call."""
         made = []
         for _ in range(clients):
             stub, next_request = calls.stub(), cycling(requests)
             made.append(lambda stub=stub, next_request=next_request: embedding_count(stub.ModelInfer(next_request())))
         return made
 
+    def ensemble_calls(size: int, clients: int) -> list[Callable[[], int]]:
+        encoded = [np.array([[jpeg] for jpeg in jpegs[start : start + size]], dtype=np.object_) for start in range(0, len(jpegs), size)]
+        return clients_cycling([calls.request(ENSEMBLE_MODEL, IMAGE_NAME, "BYTES", items, EMBEDDING_NAME) for items in encoded], clients)
+
     def tensor_calls(clients: int) -> list[Callable[[], int]]:
-        requests = [calls.request(tensor_model, INPUT_NAME, INPUT_DATATYPE, pixels[part], EMBEDDING_NAME) for part in batches]
-        made = []
-        for _ in range(clients):
-            stub, next_request = calls.stub(), cycling(requests)
-            made.append(lambda stub=stub, next_request=next_request: embedding_count(stub.ModelInfer(next_request())))
-        return made
+        return clients_cycling([calls.request(tensor_model, INPUT_NAME, INPUT_DATATYPE, pixels[part], EMBEDDING_NAME)
+                                for part in batches], clients)
 
     def shared_calls(clients: int) -> list[Callable[[], int]]:
         made = []
@@ -442,7 +439,7 @@ def budget_rows(settings) -> None:
     its own code on its own threads, in-process: the budgets' promise of about 100 ms."""
     from PIL import Image
 
-    from osnet_base.image_decoding import MAX_JPEG_SCANS, decode_item, open_request
+    from osnet_base.image_decoding import MAX_JPEG_SCANS, ParallelDecoder, open_request
 
     budgets = settings.decode_budgets()
     _, threads = settings.preprocess_layout()
@@ -460,19 +457,21 @@ def budget_rows(settings) -> None:
         raise RuntimeError("no JPEG of noise fits the byte budget")
 
     progressive = largest_jpeg(True)
-    scans = progressive.count(b"\xff\xda")
-    last_scan = progressive.rindex(b"\xff\xda")
-    many_scans = progressive[:-2] + progressive[last_scan:-2] * (MAX_JPEG_SCANS - scans) + b"\xff\xd9"
+    # The progressive file with its smallest scan repeated up to the scan limit (or as often as the byte budget allows).
+    starts = [index for index in range(len(progressive) - 1) if progressive[index : index + 2] == b"\xff\xda"]
+    smallest = min((progressive[start:end] for start, end in zip(starts, [*starts[1:], len(progressive) - 2])), key=len)
+    repeats = min(MAX_JPEG_SCANS - len(starts), (budgets.max_image_bytes - len(progressive)) // len(smallest))
+    many_scans = progressive[:-2] + smallest * max(0, repeats) + b"\xff\xd9"
     solid = io.BytesIO()
     Image.fromarray(np.zeros((height, width, 3), np.uint8)).save(solid, format="PNG")
     per_request = budgets.max_request_pixels // (width * height)
     cases = {
         f"JPEG of noise, baseline ({len(largest_jpeg(False)) >> 10} KiB)": largest_jpeg(False),
         f"JPEG of noise, progressive ({len(progressive) >> 10} KiB)": progressive,
-        f"the same, {MAX_JPEG_SCANS} scans ({len(many_scans) >> 10} KiB)": many_scans if len(many_scans) <= budgets.max_image_bytes else progressive,
+        f"the same, {len(starts) + max(0, repeats)} scans ({len(many_scans) >> 10} KiB)": many_scans,
         "PNG, solid colour": solid.getvalue(),
     }
-    pool = ThreadPoolExecutor(max_workers=threads)
+    decoder = ParallelDecoder(threads)
     print(f"\nThe most expensive requests the budgets let in ({per_request} x {width}x{height} = {per_request * width * height} "
           f"pixels; MAX_IMAGE_BYTES {budgets.max_image_bytes}), decoded by the preprocessor's code on its {threads} "
           "thread(s), in-process, best of 3:\n")
@@ -483,10 +482,10 @@ def budget_rows(settings) -> None:
         for _ in range(3):
             started = time.perf_counter()
             images = open_request(request, budgets)
-            list(pool.map(decode_item, images, range(len(images))))
+            decoder.decode([(image, index) for index, image in enumerate(images)])
             best = min(best, time.perf_counter() - started)
         print(f"| {per_request} x {name} | {best * 1e3:.0f} |")
-    pool.shutdown()
+    decoder.close()
 
 
 def keep_large_buffers() -> None:

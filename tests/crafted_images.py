@@ -1,5 +1,6 @@
 """Image files for the preprocessor's tests: every kind of JPEG and PNG it must decode as torchreid
-does, files of other formats, and the crafted files a hostile client sends."""
+does, files of other formats, and the crafted files a hostile client sends; and torchreid's own
+pipeline, which the served embeddings are held to."""
 from __future__ import annotations
 
 import functools
@@ -8,9 +9,18 @@ import struct
 import zlib
 
 import numpy as np
+import torch
 from PIL import Image
 
+from engine_builder.preprocessing import preprocess_encoded
 from engine_builder.synthetic_people import render_person
+
+
+def torchreid_embeddings(model, encoded: list[bytes]) -> np.ndarray:
+    """torchreid's FeatureExtractor pipeline in-process: PIL RGB, bilinear resize, normalise, eval OSNet, L2."""
+    with torch.inference_mode():
+        features = model(torch.stack([preprocess_encoded(item) for item in encoded]))
+    return torch.nn.functional.normalize(features, dim=1).numpy()
 
 
 def encode(image: Image.Image, fmt: str, **options) -> bytes:

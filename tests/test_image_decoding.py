@@ -27,6 +27,7 @@ from osnet_base.image_decoding import (
     MAX_JPEG_SCANS,
     DecodeBudgets,
     ImageRejected,
+    ParallelDecoder,
     decode,
     decode_item,
     open_item,
@@ -143,3 +144,19 @@ def test_pixel_crops_fit_as_the_preprocessor_fits_a_decoded_file():
     for bad in (crop.astype(np.float32), crop[..., :2], np.zeros((0, 4, 3), np.uint8)):
         with pytest.raises(ImageRejected, match="crop 4 is"):
             pixels_of_array(bad, 4)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_the_parallel_decoder_keeps_the_order_and_each_items_own_outcome(threads):
+    good = [encode(person(identity, size=(40 + identity, 90)), "JPEG") for identity in range(7)]
+    broken = encode(person(), "PNG")[:120]  # a valid header, then nothing
+    items = good[:3] + [broken] + good[3:]
+    work = [(open_item(data, index, DEFAULT_BUDGETS), index) for index, data in enumerate(items)]
+    decoder = ParallelDecoder(threads)
+    try:
+        outcomes = decoder.decode(work)
+    finally:
+        decoder.close()
+    assert isinstance(outcomes[3], ImageRejected) and str(outcomes[3]).startswith("IMAGE[3] is not a decodable PNG")
+    for outcome, data in zip(outcomes[:3] + outcomes[4:], good):
+        np.testing.assert_array_equal(outcome, decode(data))

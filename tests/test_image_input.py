@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from client.embedding_client import EmbeddingClient, InvalidInputError
@@ -26,8 +25,8 @@ from crafted_images import (
     mutated,
     other_formats,
     png_of_size,
+    torchreid_embeddings,
 )
-from engine_builder.preprocessing import preprocess_encoded
 from engine_builder.synthetic_people import encode_jpeg, person_jpegs, render_person
 from osnet_base.image_decoding import DEFAULT_BUDGETS, MAX_JPEG_SCANS
 from osnet_base.triton_server import TritonServerConfig, TritonServerProcess
@@ -39,13 +38,6 @@ pytestmark = [pytest.mark.server, pytest.mark.filterwarnings("ignore:IM image fo
 def client(triton_server):
     with EmbeddingClient(triton_server.grpc_url) as client:
         yield client
-
-
-def torchreid_embeddings(model, encoded: list[bytes]) -> np.ndarray:
-    """torchreid's FeatureExtractor pipeline in-process: PIL RGB, bilinear resize, normalise, eval OSNet, L2."""
-    with torch.inference_mode():
-        features = model(torch.stack([preprocess_encoded(item) for item in encoded]))
-    return torch.nn.functional.normalize(features, dim=1).numpy()
 
 
 def test_every_kind_of_jpeg_and_png_embeds_as_torchreid_embeds_it(client, served_model):

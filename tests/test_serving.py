@@ -22,7 +22,7 @@ from client.embedding_client import (
     _SharedMemoryInputs,
 )
 from osnet_base.triton_server import find_free_port
-from crafted_images import png_of_size
+from crafted_images import png_of_size, torchreid_embeddings
 from engine_builder.preprocessing import normalize_pixels, preprocess_encoded
 from engine_builder.synthetic_people import encode_jpeg, person_jpegs, render_person
 
@@ -35,18 +35,11 @@ def client(triton_server):
         yield client
 
 
-def reference_embeddings(model, jpegs: list[bytes]) -> np.ndarray:
-    """The in-process PyTorch pipeline: torchreid preprocessing, eval OSNet, L2 normalisation."""
-    with torch.inference_mode():
-        features = model(torch.stack([preprocess_encoded(jpeg) for jpeg in jpegs]))
-    return torch.nn.functional.normalize(features, dim=1).numpy()
-
-
 def test_ensemble_embedding_matches_in_process_pytorch(client, served_model):
     jpegs = person_jpegs(6, cameras=3)
     served = client.embed_images(jpegs)
     assert served.shape == (6, 512) and served.dtype == np.float32
-    cosines = np.sum(served * reference_embeddings(served_model, jpegs), axis=1)
+    cosines = np.sum(served * torchreid_embeddings(served_model, jpegs), axis=1)
     assert cosines.min() >= 0.9999, cosines
 
 
@@ -72,7 +65,7 @@ def test_the_tensor_model_refuses_what_the_old_contract_sent(client, tensor_mode
 
 def test_sixteen_concurrent_clients_each_get_their_own_embedding(triton_server, served_model):
     jpegs = [encode_jpeg(render_person(identity, camera=identity % 3)) for identity in range(16)]
-    expected = reference_embeddings(served_model, jpegs)
+    expected = torchreid_embeddings(served_model, jpegs)
 
     def embed_alone(index: int) -> np.ndarray:
         with EmbeddingClient(triton_server.grpc_url) as own_client:

@@ -6,21 +6,20 @@ FeatureExtractor does. Input `IMAGE` BYTES [N,1]; output `INPUT` UINT8 [N,256,12
 model's graph normalises).
 
 Dynamic batching hands `execute` several requests. Each is first opened and held to its budgets (a
-refused request decodes nothing), then the images of all of them are decoded together on a thread
-pool: Pillow releases the GIL while it decodes and resizes. Every request gets its own answer: an
-item that fails, however it fails, fails its own request with INVALID_ARG naming it, and the other
-requests of the batch are served.
+refused request decodes nothing), then the images of all of them are decoded together on
+DECODE_THREADS threads (`ParallelDecoder`: Pillow releases the GIL while it decodes and resizes).
+Every request gets its own answer: an item that fails, however it fails, fails its own request
+with INVALID_ARG naming it, and the other requests of the batch are served.
 """
 import ctypes
 import ctypes.util
 import json
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from contract import IMAGE_NAME, INPUT_NAME
-from image_decoding import DecodeBudgets, ImageRejected, decode_item, harden_pillow, open_request
+from image_decoding import DecodeBudgets, ImageRejected, ParallelDecoder, harden_pillow, open_request
 
 # After a batch that carried this many bytes or decoded this many pixels, the memory it took goes back
 # to the system: glibc would keep it in the process's and the decode threads' arenas (the server runs
@@ -28,16 +27,6 @@ from image_decoding import DecodeBudgets, ImageRejected, decode_item, harden_pil
 GIVE_BACK_AFTER_BYTES, GIVE_BACK_AFTER_PIXELS = 4 << 20, 2_000_000
 GIVE_BACK_DELAY_S = 0.2
 ERRORS_NAMED_PER_REQUEST = 3
-
-
-def _attempt(image, index):
-    """The item's pixels, or the reason it failed as text: a worker thread never raises."""
-    try:
-        return decode_item(image, index)
-    except ImageRejected as exc:
-        return str(exc)
-    except Exception as exc:  # decode_item converts every failure; this is the guard on that promise
-        return f"IMAGE[{index}] could not be decoded: {type(exc).__name__}: {exc}"
 
 
 def _invalid(message):
@@ -54,21 +43,19 @@ class TritonPythonModel:
             max_request_pixels=int(parameters["MAX_REQUEST_PIXELS"]),
         )
         threads = int(parameters["DECODE_THREADS"])
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") if threads > 1 else None
+        self.decoder = ParallelDecoder(threads)
         harden_pillow()
         libc = ctypes.util.find_library("c")
         self.malloc_trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None  # glibc only
         self.trim_lock, self.trim_timer = threading.Lock(), None
         pb_utils.Logger.log_info(f"{args['model_name']}: {threads} decode thread(s), {self.budgets}")
 
-    def _decode_all(self, work):
-        """Pixels (or an error message) for each (image, index) in `work`, in order."""
-        if self.pool is None:
-            return [_attempt(image, index) for image, index in work]
-        return [job.result() for job in [self.pool.submit(_attempt, image, index) for image, index in work]]
-
     def execute(self, requests):
-        responses, work_bytes, decoded_pixels = self._answer(requests)
+        try:
+            responses, work_bytes, decoded_pixels = self._answer(requests)
+        except Exception as exc:  # a fault of ours, not of an input: still one answer for each request
+            error = pb_utils.TritonError(f"preprocess failed: {type(exc).__name__}: {exc}")
+            return [pb_utils.InferenceResponse(error=error) for _ in requests]
         if work_bytes > GIVE_BACK_AFTER_BYTES or decoded_pixels > GIVE_BACK_AFTER_PIXELS:
             self._give_back_memory_soon()
         return responses
@@ -104,10 +91,10 @@ class TritonPythonModel:
                 responses[slot] = _invalid(f"{IMAGE_NAME} could not be read: {type(exc).__name__}: {exc}")
         work = [(image, index) for _, images in opened for index, image in enumerate(images)]
         decoded_pixels = sum(image.size[0] * image.size[1] for image, _ in work)
-        results = iter(self._decode_all(work))
+        results = iter(self.decoder.decode(work))
         for slot, images in opened:
             items = [next(results) for _ in images]
-            errors = [item for item in items if isinstance(item, str)]
+            errors = [str(item) for item in items if isinstance(item, ImageRejected)]
             if errors:
                 more = len(errors) - ERRORS_NAMED_PER_REQUEST
                 responses[slot] = _invalid("; ".join(errors[:ERRORS_NAMED_PER_REQUEST]) + (f"; and {more} more" if more > 0 else ""))
@@ -118,5 +105,4 @@ class TritonPythonModel:
     def finalize(self):
         if self.trim_timer is not None:
             self.trim_timer.cancel()
-        if self.pool is not None:
-            self.pool.shutdown()
+        self.decoder.close()
