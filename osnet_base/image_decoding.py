@@ -81,14 +81,14 @@ class DecodeBudgets:
 
 
 # Measured on this project's 2-core machine (Pillow 13, one thread): JPEG decodes, converts and
-# resizes at 3.4 ms per megapixel (a smooth photo, baseline) to 9.6 (noise at quality 95, baseline)
-# and 27.5 (the same, progressive: the worst legal case); PNG at 5-14 ms/MP. So a 3 MP image costs at
-# most ~85 ms of one core, and a request of 6 MP ~85 ms of the two decode threads: no legal request
-# holds the preprocessor much longer than 100 ms. 3 MP holds a whole 1080p frame (2.1 MP), far more than
-# any person crop; 64 crops of 300x300 fit one request. 2 MiB holds a 3 MP photo at JPEG quality 95;
-# it also bounds what a request makes the python backend copy into its shared memory (Triton 2.51 has
-# no gRPC size limit of its own, and that region never shrinks): 64 items x 2 MiB.
-DEFAULT_BUDGETS = DecodeBudgets(max_image_bytes=1 << 20, max_image_pixels=3_000_000, max_request_pixels=6_000_000)
+# resizes at 3.4 ms per megapixel (a smooth photo, baseline) to 9.6 (noise, baseline) and ~37 (noise,
+# progressive, as much as fits 1 MiB: the worst legal case); PNG at 5-14 ms/MP. So the largest image
+# costs at most ~80 ms of one core, and the largest request ~80 ms of the two decode threads (the
+# benchmark measures it): no legal request holds the preprocessor much longer than 100 ms. 2.1 MP holds
+# a whole 1080p frame, far more than any person crop; 64 crops of 256x256 fit one request. 1 MiB holds
+# a 2 MP photo at JPEG quality 95; it also bounds what a request makes the python backend copy into its
+# shared memory (Triton 2.51 has no gRPC size limit of its own, and that region never shrinks).
+DEFAULT_BUDGETS = DecodeBudgets(max_image_bytes=1 << 20, max_image_pixels=2_100_000, max_request_pixels=4_200_000)
 
 
 def harden_pillow() -> None:
