@@ -13,6 +13,7 @@ both sides; through shared memory it is one copy.
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import threading
@@ -24,14 +25,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as system_shm
 from tritonclient.utils import InferenceServerException
 
 from osnet_base.contract import (
+    BOXES_NAME,
     DEFAULT_URL,
     EMBEDDING_NAME,
     ENSEMBLE_MODEL,
+    FEATURE_DIM,
+    FRAME_NAME,
+    FRAMES_MODEL,
     IMAGE_FILE_SUFFIXES,
     IMAGE_NAME,
     INPUT_DATATYPE,
@@ -256,6 +262,45 @@ class EmbeddingClient:
             raise InvalidInputError(str(exc)) from None
         return self.embed_tensors(pixels, model or self.served_tensor_model(), output)
 
+    def embed_frames(self, frames: Sequence[tuple[bytes | np.ndarray, object]], output: str = EMBEDDING_NAME,
+                     model: str = FRAMES_MODEL, concurrency: int = 8) -> list[np.ndarray]:
+        """Embed every box of every frame: `frames` is (frame, boxes) pairs, perhaps from several cameras,
+        a frame being encoded JPEG/PNG bytes or decoded pixels (uint8 [H,W,3] RGB, sent as a lossless PNG),
+        boxes x1, y1, x2, y2 in its pixels [K,4]. One request per frame to `osnet_frames`, `concurrency` of
+        them in flight, so the server batches the crops of all of them. Returns [K, 512] per frame, in order."""
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        requests = [self._frame_request(index, frame, boxes) for index, (frame, boxes) in enumerate(frames)]
+
+        def embed(index: int) -> np.ndarray:
+            try:
+                return self._client_infer(model, list(requests[index]), output)
+            except InferenceServerException as exc:
+                error = _translate(exc, self.url, model, self.timeout_s)
+                raise type(error)(f"frame {index}: {error}") from None
+
+        if len(requests) <= 1 or concurrency == 1:
+            return [embed(index) for index in range(len(requests))]
+        with ThreadPoolExecutor(max_workers=min(concurrency, len(requests))) as pool:
+            return list(pool.map(embed, range(len(requests))))
+
+    @staticmethod
+    def _frame_request(index: int, frame: bytes | np.ndarray, boxes: object) -> tuple[grpcclient.InferInput, grpcclient.InferInput]:
+        if isinstance(frame, np.ndarray):
+            frame = encode_png(frame, f"frame {index}")
+        if not isinstance(frame, bytes):
+            raise InvalidInputError(f"frame {index} is a {type(frame).__name__}: expected encoded JPEG/PNG bytes or uint8 pixels")
+        boxes = np.asarray(boxes, dtype=np.float32)
+        if boxes.size == 0:
+            boxes = boxes.reshape(0, 4)
+        if boxes.ndim != 2 or boxes.shape[1] != 4:
+            raise InvalidInputError(f"frame {index}: boxes have shape {list(boxes.shape)}: expected [K, 4] (x1, y1, x2, y2)")
+        encoded = grpcclient.InferInput(FRAME_NAME, [1], "BYTES")
+        encoded.set_data_from_numpy(np.array([frame], dtype=np.object_))
+        corners = grpcclient.InferInput(BOXES_NAME, list(boxes.shape), "FP32")
+        corners.set_data_from_numpy(np.ascontiguousarray(boxes))
+        return encoded, corners
+
     def served_tensor_model(self) -> str:
         """The tensor model the ensemble (this client's `model`) runs, asked of the server once."""
         if self._tensor_model is None:
@@ -287,9 +332,10 @@ class EmbeddingClient:
             if region is not None:
                 self._shared_inputs.release(region)
 
-    def _client_infer(self, model: str, request: grpcclient.InferInput, output: str) -> np.ndarray:
+    def _client_infer(self, model: str, request: grpcclient.InferInput | list[grpcclient.InferInput], output: str) -> np.ndarray:
         result = self._client.infer(
-            model, [request], outputs=[grpcclient.InferRequestedOutput(output)], client_timeout=self.timeout_s
+            model, request if isinstance(request, list) else [request], outputs=[grpcclient.InferRequestedOutput(output)],
+            client_timeout=self.timeout_s,
         )
         return result.as_numpy(output)
 
@@ -388,6 +434,18 @@ def embed_readable_files(
             f"{path}: {reason}" for path, reason in results[:3]))
     return EmbeddedFiles(paths=[path for path, _ in kept], embeddings=np.stack([row for _, row in kept]),
                          skipped=[(path, reason) for path, reason in results if isinstance(reason, str)])
+
+
+def encode_png(pixels: np.ndarray, name: str = "image") -> bytes:
+    """Decoded pixels (uint8 [H,W,3] RGB, [H,W,4] RGBA or [H,W] gray) as a PNG: lossless, and at zlib's
+    fastest level (a 1080p frame at Pillow's default level costs the client several times longer)."""
+    pixels = np.asarray(pixels)
+    if pixels.dtype != np.uint8 or not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] in (3, 4))) or 0 in pixels.shape:
+        raise InvalidInputError(f"{name} is {pixels.dtype} of shape {list(pixels.shape)}: expected uint8 [H,W,3] RGB, "
+                                "[H,W,4] RGBA or [H,W] gray")
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
 
 
 def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:

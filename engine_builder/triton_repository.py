@@ -8,7 +8,9 @@ The CPU repository holds three models:
   within the budgets of `CpuRepositorySettings`; see osnet_base/image_decoding.py);
 - `<variant>_<precision>` (fp32, bf16 or int8): python backend running model.onnx with the CPU
   runtime the build chose (ONNX Runtime or OpenVINO, see `cpu_runtimes`);
-- `osnet`: ensemble IMAGE -> preprocess -> <variant>_<precision> -> EMBEDDING, FEATURES.
+- `osnet`: ensemble IMAGE -> preprocess -> <variant>_<precision> -> EMBEDDING, FEATURES;
+- `osnet_frames`: python backend, one camera FRAME and its BOXES -> one embedding per box, the crops
+  sent through BLS to the tensor model the ensemble runs (see triton_repo/frame_embedder.py).
 TensorRT builds add `<variant>_trt_fp16|int8` and point the ensemble at the fastest of them.
 The python-backend sources are committed at the top of `triton_repo/` and copied into each model.
 """
@@ -27,13 +29,16 @@ from tritonclient.grpc import model_config_pb2 as pb
 
 from engine_builder import cpu_sessions
 from engine_builder.cpu_runtimes import PRECISION_ORDER, CpuRuntime
-from osnet_base import contract, image_decoding
+from osnet_base import contract, frame_boxes, image_decoding
 from osnet_base.contract import (
+    BOXES_NAME,
     DEFAULT_MAX_BATCH_SIZE,
     EMBEDDING_NAME,
     ENSEMBLE_MODEL,
     FEATURE_DIM,
     FEATURES_NAME,
+    FRAME_NAME,
+    FRAMES_MODEL,
     IMAGE_NAME,
     INPUT_NAME,
     INPUT_SHAPE,
@@ -46,7 +51,7 @@ logger = logging.getLogger(__name__)
 PYTHON_MODEL_SOURCES = Path(__file__).resolve().parent.parent / "triton_repo"
 # Modules every python-backend model finds beside its model.py (the stub puts that folder on sys.path).
 PYTHON_HELPER_MODULES = (PYTHON_MODEL_SOURCES / "batched_responses.py", Path(contract.__file__), Path(cpu_sessions.__file__),
-                         Path(image_decoding.__file__))
+                         Path(image_decoding.__file__), Path(frame_boxes.__file__))
 CPU_TENSOR_MODEL_SOURCE = "cpu_embedder.py"  # every CPU runtime: the config parameter ENGINE picks one
 # Pillow holds the GIL while it parses headers and copies pixels out (~25% of a person crop's ~260 us
 # here), and releases it while it decodes and resizes: one process gains little past ~4 threads.
@@ -80,6 +85,9 @@ class CpuRepositorySettings:
     # Preprocess instances, and decode threads in each. None: see `preprocess_layout`.
     preprocess_instances: int | None = None
     decode_threads: int | None = None
+    # `osnet_frames` instances: each decodes one frame at a time and waits for its crops' embeddings.
+    # None: see `frames_instances`.
+    frame_instances: int | None = None
     # The environment the python-backend stub runs in on the serving machine (EXECUTION_ENV_PATH):
     # by default the venv doing the build; None outside a venv: the server's own Python.
     execution_env: Path | None = field(default_factory=building_venv)
@@ -95,7 +103,7 @@ class CpuRepositorySettings:
             raise ValueError(f"streams must be >= 1, got {self.streams}")
         if any(size < 1 or size > self.max_batch_size for size in self.preferred_batch_sizes):
             raise ValueError(f"preferred_batch_sizes must lie in 1..{self.max_batch_size}, got {self.preferred_batch_sizes}")
-        for name in ("preprocess_instances", "decode_threads"):
+        for name in ("preprocess_instances", "decode_threads", "frame_instances"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.decode_budgets()  # refuses budgets that make no sense
@@ -110,6 +118,11 @@ class CpuRepositorySettings:
         cores = len(os.sched_getaffinity(0))
         instances = self.preprocess_instances or -(-cores // MAX_DECODE_THREADS)
         return instances, self.decode_threads or max(1, -(-cores // instances))
+
+    def frames_instances(self) -> int:
+        """Instances of `osnet_frames`: as given; else one per core, and at least 2, so that one instance
+        decodes a frame while another's crops are embedded."""
+        return self.frame_instances or max(2, len(os.sched_getaffinity(0)))
 
     def threads_per_instance(self) -> int | None:
         """The threads each tensor-model instance runs: as given; else, for one instance, the runtime's
@@ -185,6 +198,25 @@ def cpu_tensor_model_config(name: str, settings: CpuRepositorySettings, paramete
     return config
 
 
+def frames_config(tensor_model: str, settings: CpuRepositorySettings) -> pb.ModelConfig:
+    """FRAME [1] and BOXES [K,4] -> EMBEDDING, FEATURES [K,512]; a request is one frame, so the model does
+    not batch requests itself: the crops of its instances' frames meet in `tensor_model`'s batcher. A
+    frame takes at most a full batch of that model's boxes."""
+    config = pb.ModelConfig(name=FRAMES_MODEL, backend="python", max_batch_size=0)
+    config.instance_group.add(kind=pb.ModelInstanceGroup.KIND_CPU, count=settings.frames_instances())
+    _set_execution_env(config, settings.execution_env)
+    config.input.add(name=FRAME_NAME, data_type=pb.TYPE_STRING, dims=[1])
+    config.input.add(name=BOXES_NAME, data_type=pb.TYPE_FP32, dims=[-1, 4])
+    for name in (EMBEDDING_NAME, FEATURES_NAME):
+        config.output.add(name=name, data_type=pb.TYPE_FP32, dims=[-1, FEATURE_DIM])
+    parameters = {"MAX_IMAGE_BYTES": settings.max_image_bytes, "MAX_IMAGE_PIXELS": settings.max_image_pixels,
+                  "MAX_REQUEST_PIXELS": settings.max_request_pixels, "MAX_BOXES": settings.max_batch_size,
+                  "TENSOR_MODEL": tensor_model}
+    for key, value in parameters.items():
+        config.parameters[key].string_value = str(value)
+    return config
+
+
 def ensemble_config(tensor_model: str, max_batch_size: int) -> pb.ModelConfig:
     config = pb.ModelConfig(name=ENSEMBLE_MODEL, platform="ensemble", max_batch_size=max_batch_size)
     config.input.add(name=IMAGE_NAME, data_type=pb.TYPE_STRING, dims=[1])
@@ -215,9 +247,11 @@ def write_model(repository: Path, config: pb.ModelConfig, python_source: str | N
 
 
 def write_ensemble(repository: Path, tensor_model: str, settings: CpuRepositorySettings) -> None:
-    """Write `preprocess` and the `osnet` ensemble over `tensor_model` (a CPU model or a TensorRT engine)."""
+    """Write `preprocess` and the `osnet` ensemble over `tensor_model` (a CPU model or a TensorRT engine),
+    and `osnet_frames` over the same model."""
     write_model(repository, preprocess_config(settings), "image_preprocessor.py")
     write_model(repository, ensemble_config(tensor_model, settings.max_batch_size))
+    write_model(repository, frames_config(tensor_model, settings), "frame_embedder.py")
 
 
 def write_cpu_models(repository: Path, variant: str, settings: CpuRepositorySettings, runtime: CpuRuntime) -> str:

@@ -10,12 +10,15 @@ DEFAULT_URL = "127.0.0.1:8001"  # Triton's gRPC port, on loopback: a server is n
 
 ENSEMBLE_MODEL = "osnet"  # encoded images in, embeddings out
 PREPROCESS_MODEL = "preprocess"
+FRAMES_MODEL = "osnet_frames"  # one encoded camera frame and its boxes in, one embedding per box out
 
 IMAGE_NAME = "IMAGE"  # BYTES [N,1]: one encoded image per item
 # UINT8 [N,256,128,3]: RGB pixels resized to the model's input, NHWC: the layout Pillow decodes to and
 # a detector's frame is cut from, so neither side transposes in Python. The served graph itself casts,
 # divides by 255, subtracts ImageNet's mean, divides by its std and transposes to NCHW.
 INPUT_NAME = "INPUT"
+FRAME_NAME = "FRAME"  # BYTES [1]: one encoded JPEG/PNG camera frame, within the preprocessor's budgets
+BOXES_NAME = "BOXES"  # FP32 [K,4]: x1, y1, x2, y2 in the frame's pixels; EMBEDDING and FEATURES come back [K,512]
 FEATURES_NAME = "FEATURES"  # FP32 [N,512]: torchreid's eval output
 EMBEDDING_NAME = "EMBEDDING"  # FP32 [N,512]: FEATURES, L2-normalised
 

@@ -109,39 +109,42 @@ def signature_name(encoded: bytes) -> str | None:
     return None
 
 
-def _refuse_format(encoded: bytes, index: int) -> ImageRejected:
+def _refuse_format(encoded: bytes, item: str) -> ImageRejected:
     name = signature_name(encoded)
     if name is not None:
-        return ImageRejected(f"IMAGE[{index}] is a {name} file: the preprocessor decodes only {ACCEPTED}")
-    return ImageRejected(f"IMAGE[{index}] ({len(encoded)} bytes, starting {encoded[:8].hex(' ')}) is not a {EITHER} "
+        return ImageRejected(f"{item} is a {name} file: the preprocessor decodes only {ACCEPTED}")
+    return ImageRejected(f"{item} ({len(encoded)} bytes, starting {encoded[:8].hex(' ')}) is not a {EITHER} "
                          f"file: the preprocessor decodes only {ACCEPTED}")
 
 
-def open_item(encoded: object, index: int, budgets: DecodeBudgets | None) -> Image.Image:
+def open_item(encoded: object, index: int, budgets: DecodeBudgets | None, *, name: str | None = None) -> Image.Image:
     """Item `index` of a request, identified and checked from its bytes and header; no pixel is decoded.
-    `budgets` None: no size limits (trusted local files)."""
+    `budgets` None: no size limits (trusted local files). `name`: what the messages call the item
+    (default IMAGE[index]; `osnet_frames` says FRAME)."""
+    item = name or f"IMAGE[{index}]"
+    crop_hint = "" if name else ": send a person crop, not a whole frame"
     if not isinstance(encoded, bytes) or not encoded:
-        raise ImageRejected(f"IMAGE[{index}] is empty: expected the bytes of one {EITHER} file")
+        raise ImageRejected(f"{item} is empty: expected the bytes of one {EITHER} file")
     if budgets is not None and len(encoded) > budgets.max_image_bytes:
-        raise ImageRejected(f"IMAGE[{index}] is {len(encoded)} bytes, over the limit of {budgets.max_image_bytes} "
-                            "(MAX_IMAGE_BYTES): send a person crop, not a whole frame")
+        raise ImageRejected(f"{item} is {len(encoded)} bytes, over the limit of {budgets.max_image_bytes} "
+                            f"(MAX_IMAGE_BYTES){crop_hint}")
     try:
         image = Image.open(io.BytesIO(encoded), formats=IMAGE_FORMATS)
     except UnidentifiedImageError:
-        raise _refuse_format(encoded, index) from None
+        raise _refuse_format(encoded, item) from None
     except Exception as exc:  # a header that breaks its parser, however it breaks it
-        raise ImageRejected(f"IMAGE[{index}] is not a decodable {EITHER} file ({len(encoded)} bytes): "
+        raise ImageRejected(f"{item} is not a decodable {EITHER} file ({len(encoded)} bytes): "
                             f"{type(exc).__name__}: {exc}") from None
     width, height = image.size
     if budgets is not None and width * height > budgets.max_image_pixels:
-        raise ImageRejected(f"IMAGE[{index}] is {width}x{height} pixels, over the limit of {budgets.max_image_pixels} "
-                            "(MAX_IMAGE_PIXELS): send a person crop, not a whole frame")
+        raise ImageRejected(f"{item} is {width}x{height} pixels, over the limit of {budgets.max_image_pixels} "
+                            f"(MAX_IMAGE_PIXELS){crop_hint}")
     if image.format != "PNG":  # JPEG, or MPO: a JPEG with more pictures after the first
         scans = encoded.count(b"\xff\xda")  # start-of-scan markers; entropy-coded data never holds one
         if scans > MAX_JPEG_SCANS:
-            raise ImageRejected(f"IMAGE[{index}] is a JPEG of {scans} scans, over the limit of {MAX_JPEG_SCANS}")
+            raise ImageRejected(f"{item} is a JPEG of {scans} scans, over the limit of {MAX_JPEG_SCANS}")
     if image.mode not in RGB_CONVERTIBLE_MODES and image.mode not in SIXTEEN_BIT_GRAY_MODES:
-        raise ImageRejected(f"IMAGE[{index}] is a {image.format} of pixel mode {image.mode}, which the preprocessor "
+        raise ImageRejected(f"{item} is a {image.format} of pixel mode {image.mode}, which the preprocessor "
                             "does not convert to RGB")
     return image
 
@@ -158,11 +161,16 @@ def open_request(items: Sequence[object], budgets: DecodeBudgets | None) -> list
     return images
 
 
-def fit_to_input(image: Image.Image) -> np.ndarray:
-    """A decoded image -> the model's input pixels, uint8 [256,128,3] RGB."""
+def to_rgb(image: Image.Image) -> Image.Image:
+    """A decoded image in RGB, as torchreid converts it; 16-bit grays reduced to 8 bits first."""
     if image.mode in SIXTEEN_BIT_GRAY_MODES:
         image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8), "L")
-    return np.asarray(image.convert("RGB").resize((INPUT_WIDTH, INPUT_HEIGHT), Image.BILINEAR))
+    return image.convert("RGB")
+
+
+def fit_to_input(image: Image.Image) -> np.ndarray:
+    """A decoded image -> the model's input pixels, uint8 [256,128,3] RGB."""
+    return np.asarray(to_rgb(image).resize((INPUT_WIDTH, INPUT_HEIGHT), Image.BILINEAR))
 
 
 def decode_item(image: Image.Image, index: int) -> np.ndarray:
