@@ -20,7 +20,7 @@ def read_config(repository, model):
 
 
 def test_repository_layout(served_repository, tensor_model):
-    assert sorted(p.name for p in served_repository.iterdir()) == sorted(["osnet", "preprocess", tensor_model])
+    assert sorted(p.name for p in served_repository.iterdir()) == sorted(["osnet", "osnet_frames", "preprocess", tensor_model])
     assert (served_repository / tensor_model / "1" / "model.onnx").is_file()
     assert (served_repository / tensor_model / "1" / "model.py").is_file()
     assert (served_repository / "preprocess" / "1" / "model.py").is_file()
@@ -176,6 +176,27 @@ def test_preprocess_budgets_and_threads_reach_cpu_and_gpu_builds(tmp_path):
         config = read_config(repository, "preprocess")
         assert {k: v.string_value for k, v in config.parameters.items() if k in expected} == expected, repository.name
         assert config.instance_group[0].count == 2
+
+
+def test_every_build_writes_osnet_frames_over_the_model_the_ensemble_runs(tmp_path):
+    settings = settings_from(["--max-batch-size", "16", "--max-image-pixels", "7000", "--max-request-pixels", "9000",
+                              "--precision", "fp32", "fp16"])
+    for repository in (tmp_path / "cpu", tmp_path / "gpu"):
+        if repository.name == "cpu":
+            write_cpu_models(repository, settings.variant, settings.cpu_repository(), RUNTIMES["onnxruntime-fp32"])
+        else:
+            write_gpu_build(repository, settings)
+        config = read_config(repository, "osnet_frames")
+        assert config.backend == "python" and config.max_batch_size == 0, repository.name
+        assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [
+            ("FRAME", model_config_pb2.TYPE_STRING, [1]), ("BOXES", model_config_pb2.TYPE_FP32, [-1, 4])]
+        assert [(o.name, list(o.dims)) for o in config.output] == [("EMBEDDING", [-1, 512]), ("FEATURES", [-1, 512])]
+        parameters = {k: v.string_value for k, v in config.parameters.items() if k != "EXECUTION_ENV_PATH"}
+        assert parameters == {"TENSOR_MODEL": served_tensor_model(repository), "MAX_BOXES": "16", "MAX_IMAGE_PIXELS": "7000",
+                              "MAX_REQUEST_PIXELS": "9000", "MAX_IMAGE_BYTES": str(DEFAULT_BUDGETS.max_image_bytes)}
+        assert config.instance_group[0].count == CpuRepositorySettings().frames_instances() >= 2
+        assert {p.name for p in (repository / "osnet_frames" / "1").iterdir()} >= {
+            "model.py", "contract.py", "image_decoding.py", "frame_boxes.py"}
 
 
 def test_calib_method_reaches_both_int8_graphs():
