@@ -263,21 +263,23 @@ class EmbeddingClient:
         return self.embed_tensors(pixels, model or self.served_tensor_model(), output)
 
     def embed_frames(self, frames: Sequence[tuple[bytes | np.ndarray, object]], output: str = EMBEDDING_NAME,
-                     model: str = FRAMES_MODEL, concurrency: int = 8) -> list[np.ndarray]:
+                     model: str = FRAMES_MODEL, concurrency: int = 8, names: Sequence[str] | None = None) -> list[np.ndarray]:
         """Embed every box of every frame: `frames` is (frame, boxes) pairs, perhaps from several cameras,
         a frame being encoded JPEG/PNG bytes or decoded pixels (uint8 [H,W,3] RGB, sent as a lossless PNG),
         boxes x1, y1, x2, y2 in its pixels [K,4]. One request per frame to `osnet_frames`, `concurrency` of
-        them in flight, so the server batches the crops of all of them. Returns [K, 512] per frame, in order."""
+        them in flight, so the server batches the crops of all of them. Returns [K, 512] per frame, in order.
+        `names` (e.g. file names) say which frame an error is about; by default its index."""
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
-        requests = [self._frame_request(index, frame, boxes) for index, (frame, boxes) in enumerate(frames)]
+        names = [f"frame {index}" for index in range(len(frames))] if names is None else list(names)
+        requests = [self._frame_request(name, frame, boxes) for name, (frame, boxes) in zip(names, frames, strict=True)]
 
         def embed(index: int) -> np.ndarray:
             try:
                 return self._client_infer(model, list(requests[index]), output)
             except InferenceServerException as exc:
                 error = _translate(exc, self.url, model, self.timeout_s)
-                raise type(error)(f"frame {index}: {error}") from None
+                raise type(error)(f"{names[index]}: {error}") from None
 
         if len(requests) <= 1 or concurrency == 1:
             return [embed(index) for index in range(len(requests))]
@@ -285,16 +287,16 @@ class EmbeddingClient:
             return list(pool.map(embed, range(len(requests))))
 
     @staticmethod
-    def _frame_request(index: int, frame: bytes | np.ndarray, boxes: object) -> tuple[grpcclient.InferInput, grpcclient.InferInput]:
+    def _frame_request(name: str, frame: bytes | np.ndarray, boxes: object) -> tuple[grpcclient.InferInput, grpcclient.InferInput]:
         if isinstance(frame, np.ndarray):
-            frame = encode_png(frame, f"frame {index}")
+            frame = encode_png(frame, name)
         if not isinstance(frame, bytes):
-            raise InvalidInputError(f"frame {index} is a {type(frame).__name__}: expected encoded JPEG/PNG bytes or uint8 pixels")
+            raise InvalidInputError(f"{name} is a {type(frame).__name__}: expected encoded JPEG/PNG bytes or uint8 pixels")
         boxes = np.asarray(boxes, dtype=np.float32)
         if boxes.size == 0:
             boxes = boxes.reshape(0, 4)
         if boxes.ndim != 2 or boxes.shape[1] != 4:
-            raise InvalidInputError(f"frame {index}: boxes have shape {list(boxes.shape)}: expected [K, 4] (x1, y1, x2, y2)")
+            raise InvalidInputError(f"{name}: boxes have shape {list(boxes.shape)}: expected [K, 4] (x1, y1, x2, y2)")
         encoded = grpcclient.InferInput(FRAME_NAME, [1], "BYTES")
         encoded.set_data_from_numpy(np.array([frame], dtype=np.object_))
         corners = grpcclient.InferInput(BOXES_NAME, list(boxes.shape), "FP32")

@@ -4,6 +4,7 @@ and every bad box fails its own request only, named."""
 from __future__ import annotations
 
 import io
+import json
 import re
 import threading
 import time
@@ -186,3 +187,39 @@ def test_a_bad_box_fails_its_own_request_and_no_other_clients(triton_server):
         thread.join(timeout=60)
     assert set(outcomes) == {"ok"} and outcomes["ok"] >= 20, outcomes
     assert set(bad_outcomes) == {"named"} and bad_outcomes["named"] >= 10, bad_outcomes
+
+
+def test_osnet_client_embed_frames_reads_a_folder_and_a_boxes_file(triton_server, client, tmp_path, capsys):
+    from client.cli import main
+
+    folder, rows, expected = tmp_path / "frames", [], []
+    for camera in (1, 2):
+        (folder / f"cam{camera}").mkdir(parents=True)
+        for number in range(2):
+            image, _, boxes = people_frame(camera, number, count=2 + number)
+            name = f"cam{camera}/{number:06d}.jpg"
+            (folder / name).write_bytes(encode(image, "JPEG", quality=90))
+            rows += [{"frame": name, "camera": camera, "x1": float(x1), "y1": float(y1), "x2": float(x2), "y2": float(y2)}
+                     for x1, y1, x2, y2 in boxes.tolist()]
+            expected.append(client.embed_frames([((folder / name).read_bytes(), boxes)])[0])
+    order = np.random.default_rng(0).permutation(len(rows))  # rows of one frame need not be together
+    rows, expected = [rows[i] for i in order], np.concatenate(expected)[order]
+    (tmp_path / "boxes.csv").write_text("frame,camera,x1,y1,x2,y2\n" + "".join(
+        f"{r['frame']},{r['camera']},{r['x1']},{r['y1']},{r['x2']},{r['y2']}\n" for r in rows))
+    (tmp_path / "boxes.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for boxes_file in ("boxes.csv", "boxes.jsonl"):
+        output = tmp_path / boxes_file.replace(".", "_")
+        assert main(["embed-frames", str(folder), "--boxes", str(tmp_path / boxes_file), "-o", str(output),
+                     "--url", triton_server.grpc_url]) == 0
+        assert f"embedded {len(rows)} boxes of 4 frames from 2 cameras" in capsys.readouterr().out
+        np.testing.assert_allclose(np.load(output.with_suffix(".npy")), expected, atol=1e-6)
+        assert output.with_suffix(".csv").read_text().splitlines()[1].startswith(f"{rows[0]['frame']},{rows[0]['camera']},")
+    rows[3] = {**rows[3], "x2": rows[3]["x1"] - 5}
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main(["embed-frames", str(folder), "--boxes", str(tmp_path / "bad.jsonl"), "-o", str(tmp_path / "bad"),
+                 "--url", triton_server.grpc_url]) == 1
+    assert re.search(rf"osnet-client: error: {rows[3]['frame']}: BOXES\[\d\] = .* is inverted", capsys.readouterr().err)
+    (tmp_path / "bad.csv").write_text("frame,camera,x1,y1,x2,y2\ncam1/000000.jpg,1,1,2,three,4\n")
+    assert main(["embed-frames", str(folder), "--boxes", str(tmp_path / "bad.csv"), "-o", str(tmp_path / "bad"),
+                 "--url", triton_server.grpc_url]) == 1
+    assert "bad.csv line 2: the corners" in capsys.readouterr().err
