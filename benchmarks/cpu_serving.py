@@ -13,6 +13,14 @@ Each served row is set against the in-process row of the same work: the ensemble
 decode + model at batch 8, at 1 x 32 against batch 32; the tensor model against the model alone.
 Then the budgets: how long the preprocessor takes over the most expensive request it accepts.
 
+Frames and boxes (`--frames-only` runs these rows alone): a generated 1280x720 camera frame with 8 or
+32 people, through `osnet_frames` (one request per frame: the frame's JPEG and its boxes), against the
+same boxes cut by the client and sent as JPEG crops through the `osnet` ensemble (one request per
+frame with its K crops); 8 clients (`EmbeddingClient`, both paths alike), each with a frame of its
+own, over ONNX Runtime FP32. Each path once with its JPEGs encoded beforehand (a camera that
+delivers JPEG; crops cut and encoded elsewhere) and once encoded by the client in every request (a
+tracker holding decoded frames). Rows: bytes sent per frame, embeddings/s.
+
 Clients send prepared requests over raw gRPC stubs (serialised once; a shared-memory client copies
 its pixels into its region for every call, as a real one must), so the load generator, which shares
 the cores with the server, takes as little of them as it can; its cores are in the table. Requests
@@ -20,7 +28,7 @@ cycle through distinct generated crops. Every row is the best of `--rounds` roun
 other people's processes disturbed (> 0.1 core) is measured again once the machine is quiet. Beside
 each row: the cosine of its embeddings against PyTorch FP32 on the same pixels.
 
-    python -m benchmarks.cpu_serving [--variants osnet_x0_25 osnet_x1_0] [--seconds 6] [--rounds 3]
+    python -m benchmarks.cpu_serving [--variants osnet_x0_25 osnet_x1_0] [--seconds 6] [--rounds 3] [--frames-only]
 """
 from __future__ import annotations
 
@@ -43,6 +51,8 @@ import numpy as np
 
 BATCH, CONCURRENCY = 32, 8
 BASELINE_RUNTIME = "onnxruntime-fp32"
+BOXES_PER_FRAME = (8, 32)
+FRAME_WIDTH, FRAME_HEIGHT, FRAME_JPEG_QUALITY = 1280, 720, 90
 TARGETS = {"ensemble": 0.8, "tensor, gRPC": 0.9, "tensor, shared memory": 0.95}
 # Above this many cores busy with other people's work, a row is not a measurement of ours.
 QUIET_CORES = 0.1
@@ -407,6 +417,92 @@ def reference_row(rows: list[Row], row: Row) -> Row | None:
     return next(r for r in rows if r.variant == row.variant and r.runtime == row.runtime and r.path == path and r.batch == batch)
 
 
+@dataclass(frozen=True, kw_only=True)
+class FrameRow:
+    variant: str
+    boxes: int
+    path: str
+    bytes_per_frame: int
+    embeddings_per_s: float
+    client_cores: float
+    foreign_cores: float
+
+
+def benchmark_frames(variant: str, seconds: float, rounds: int, workdir: Path, settings, load: ForeignLoad) -> list[FrameRow]:
+    from PIL import Image
+
+    from client.embedding_client import EmbeddingClient
+    from engine_builder.build import make_cpu_graphs
+    from engine_builder.cpu_runtimes import RUNTIMES, RuntimeSelection
+    from engine_builder.models import create_osnet
+    from engine_builder.reference_weights import default_weights
+    from engine_builder.synthetic_people import compose_frame, render_person
+    from engine_builder.triton_repository import write_cpu_models
+    from osnet_base.frame_boxes import pixel_boxes
+    from osnet_base.triton_server import TritonServerConfig, TritonServerProcess
+
+    def jpeg(pixels: np.ndarray) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=FRAME_JPEG_QUALITY)
+        return buffer.getvalue()
+
+    runtime = RUNTIMES[BASELINE_RUNTIME]
+    repository = workdir / variant / "frames"
+    graphs = make_cpu_graphs(create_osnet(variant, default_weights(variant)), {runtime.graph}, workdir / variant, RuntimeSelection())
+    tensor_model = write_cpu_models(repository, variant, settings, runtime)
+    shutil.copyfile(graphs[runtime.graph], repository / tensor_model / "1" / "model.onnx")
+    rows: list[FrameRow] = []
+    with TritonServerProcess(TritonServerConfig(model_repository=repository)) as server:
+        load.groups.add(server.pid)
+        clients = [EmbeddingClient(server.grpc_url) for _ in range(CONCURRENCY)]
+        try:
+            for count in BOXES_PER_FRAME:
+                # A frame of other people for each client: no cache anywhere sees the same pixels twice in a row.
+                frames = []
+                for slot in range(CONCURRENCY):
+                    people = [render_person(1000 * slot + index, camera=slot % 3) for index in range(count)]
+                    image, boxes = compose_frame(people, FRAME_WIDTH, FRAME_HEIGHT, camera=slot % 3, seed=slot)
+                    pixels = np.asarray(image)
+                    cut = [pixels[y1:y2, x1:x2] for x1, y1, x2, y2 in pixel_boxes(boxes, FRAME_WIDTH, FRAME_HEIGHT, count).tolist()]
+                    frames.append((pixels, boxes, cut, jpeg(pixels), [jpeg(crop) for crop in cut]))
+                plan = [
+                    ("osnet_frames, frame JPEG encoded beforehand", lambda f: len(f[3]) + f[1].nbytes,
+                     lambda client, f: len(client.embed_frames([(f[3], f[1])])[0])),
+                    ("osnet_frames, client encodes the frame", lambda f: len(f[3]) + f[1].nbytes,
+                     lambda client, f: len(client.embed_frames([(jpeg(f[0]), f[1])])[0])),
+                    ("osnet, JPEG crops encoded beforehand", lambda f: sum(map(len, f[4])),
+                     lambda client, f: len(client.embed_images(f[4]))),
+                    ("osnet, client cuts and encodes crops", lambda f: sum(map(len, f[4])),
+                     lambda client, f: len(client.embed_images([jpeg(crop) for crop in f[2]]))),
+                ]
+                for path, sent, send in plan:
+                    calls = [lambda client=client, frame=frame: send(client, frame) for client, frame in zip(clients, frames)]
+                    (rate, cores), foreign = load.measured_quietly(lambda: measure(calls, seconds, rounds))
+                    row = FrameRow(variant=variant, boxes=count, path=path, bytes_per_frame=int(np.mean([sent(f) for f in frames])),
+                                   embeddings_per_s=rate, client_cores=cores, foreign_cores=foreign)
+                    rows.append(row)
+                    print(f"  {variant:<12} {count:>2} boxes  {path:<44} {row.bytes_per_frame:>8} B/frame {rate:8.1f} emb/s"
+                          f"  load generator {cores:.2f} cores  (others: {foreign:.2f} cores)", flush=True)
+        finally:
+            for client in clients:
+                client.close()
+            load.groups.discard(server.pid)
+    return rows
+
+
+def print_frames_table(rows: list[FrameRow], seconds: float, rounds: int) -> None:
+    print(f"\n| variant | boxes per frame | path | bytes sent per frame | embeddings/s | x osnet, JPEG crops encoded beforehand "
+          "| load generator cores | others' cores |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        crops = next(c for c in rows if (c.variant, c.boxes, c.path) == (r.variant, r.boxes, "osnet, JPEG crops encoded beforehand"))
+        print(f"| {r.variant} | {r.boxes} | {r.path} | {r.bytes_per_frame} | {r.embeddings_per_s:.1f} | "
+              f"{r.embeddings_per_s / crops.embeddings_per_s:.2f} | {r.client_cores:.2f} | {r.foreign_cores:.2f} |")
+    print(f"\n{os.cpu_count()} CPU cores, shared by the server and the load generator ({CONCURRENCY} clients, one frame per "
+          f"request); {FRAME_WIDTH}x{FRAME_HEIGHT} frames, JPEG quality {FRAME_JPEG_QUALITY}; ONNX Runtime FP32. Each row: best "
+          f"of {rounds} rounds of {seconds / rounds:.1f} s.")
+
+
 def print_table(rows: list[Row], choices: dict[str, str], settings, seconds: float, rounds: int) -> None:
     from osnet_base.triton_server import KEEP_LARGE_BUFFERS
 
@@ -507,20 +603,27 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per row; the best counts (default: %(default)s)")
     parser.add_argument("--quiet-timeout-s", type=float, default=300.0,
                         help="how long to wait, before each row, for other people's processes to let the cores go (default: %(default)s)")
+    parser.add_argument("--frames-only", action="store_true", help="only the frames-and-boxes rows (osnet_frames against JPEG crops)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     keep_large_buffers()
     settings = CpuRepositorySettings()
     load = ForeignLoad(args.quiet_timeout_s)
     rows: list[Row] = []
+    frame_rows: list[FrameRow] = []
     choices: dict[str, str] = {}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="osnet_bench_") as workdir:
         for variant in args.variants:
-            variant_rows, choices[variant] = benchmark_variant(variant, args.seconds, args.rounds, Path(workdir), settings, load)
-            rows += variant_rows
-        print_table(rows, choices, settings, args.seconds, args.rounds)
-    budget_rows(settings)
+            if not args.frames_only:
+                variant_rows, choices[variant] = benchmark_variant(variant, args.seconds, args.rounds, Path(workdir), settings, load)
+                rows += variant_rows
+            frame_rows += benchmark_frames(variant, args.seconds, args.rounds, Path(workdir), settings, load)
+        if rows:
+            print_table(rows, choices, settings, args.seconds, args.rounds)
+        print_frames_table(frame_rows, args.seconds, args.rounds)
+    if not args.frames_only:
+        budget_rows(settings)
     print(f"\nRun time {time.perf_counter() - started:.0f} s.")
 
 
