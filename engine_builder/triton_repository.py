@@ -181,8 +181,7 @@ def preprocess_config(settings: CpuRepositorySettings) -> pb.ModelConfig:
     config = _python_model_config(PREPROCESS_MODEL, settings, instances)
     config.input.add(name=IMAGE_NAME, data_type=pb.TYPE_STRING, dims=[1])
     config.output.add(name=INPUT_NAME, data_type=pb.TYPE_UINT8, dims=list(INPUT_SHAPE))
-    parameters = {"MAX_IMAGE_BYTES": settings.max_image_bytes, "MAX_IMAGE_PIXELS": settings.max_image_pixels,
-                  "MAX_REQUEST_PIXELS": settings.max_request_pixels, "DECODE_THREADS": threads}
+    parameters = {**settings.decode_budgets().as_parameters(), "DECODE_THREADS": threads}
     for key, value in parameters.items():
         config.parameters[key].string_value = str(value)
     return config
@@ -209,9 +208,7 @@ def frames_config(tensor_model: str, settings: CpuRepositorySettings) -> pb.Mode
     config.input.add(name=BOXES_NAME, data_type=pb.TYPE_FP32, dims=[-1, 4])
     for name in (EMBEDDING_NAME, FEATURES_NAME):
         config.output.add(name=name, data_type=pb.TYPE_FP32, dims=[-1, FEATURE_DIM])
-    parameters = {"MAX_IMAGE_BYTES": settings.max_image_bytes, "MAX_IMAGE_PIXELS": settings.max_image_pixels,
-                  "MAX_REQUEST_PIXELS": settings.max_request_pixels, "MAX_BOXES": settings.max_batch_size,
-                  "TENSOR_MODEL": tensor_model}
+    parameters = {**settings.decode_budgets().as_parameters(), "MAX_BOXES": settings.max_batch_size, "TENSOR_MODEL": tensor_model}
     for key, value in parameters.items():
         config.parameters[key].string_value = str(value)
     return config

@@ -20,10 +20,10 @@ from PIL import Image
 
 if __package__:  # osnet_base.frame_boxes
     from .contract import BOXES_NAME, FRAME_NAME, INPUT_HEIGHT, INPUT_WIDTH
-    from .image_decoding import DecodeBudgets, ImageRejected, open_item, to_rgb
+    from .image_decoding import DecodeBudgets, ImageRejected, load_rgb, open_item
 else:  # copied beside a python-backend model.py
     from contract import BOXES_NAME, FRAME_NAME, INPUT_HEIGHT, INPUT_WIDTH
-    from image_decoding import DecodeBudgets, ImageRejected, open_item, to_rgb
+    from image_decoding import DecodeBudgets, ImageRejected, load_rgb, open_item
 
 
 def _show(box: np.ndarray) -> str:
@@ -61,19 +61,9 @@ def cut_boxes(frame: Image.Image, boxes: np.ndarray) -> np.ndarray:
     return crops
 
 
-def _load_rgb(image: Image.Image) -> Image.Image:
-    try:
-        image.load()
-        return to_rgb(image)
-    except Exception as exc:  # crafted files make decoders raise all sorts: each stays its own request's error
-        raise ImageRejected(f"{FRAME_NAME} is not a decodable {image.format} image: {type(exc).__name__}: {exc}") from None
-    finally:
-        image.close()
-
-
 def decode_frame(encoded: object, budgets: DecodeBudgets | None) -> Image.Image:
     """One encoded frame -> RGB, by the preprocessor's rules; any failure is `ImageRejected` naming FRAME."""
-    return _load_rgb(open_item(encoded, 0, budgets, name=FRAME_NAME))
+    return load_rgb(open_item(encoded, 0, budgets, name=FRAME_NAME), FRAME_NAME)
 
 
 def frame_crops(encoded: object, boxes: object, budgets: DecodeBudgets | None, max_boxes: int) -> np.ndarray:
@@ -88,4 +78,4 @@ def frame_crops(encoded: object, boxes: object, budgets: DecodeBudgets | None, m
     if len(whole) == 0:
         image.close()
         return np.empty((0, INPUT_HEIGHT, INPUT_WIDTH, 3), dtype=np.uint8)
-    return cut_boxes(_load_rgb(image), whole)
+    return cut_boxes(load_rgb(image, FRAME_NAME), whole)

@@ -72,12 +72,23 @@ class DecodeBudgets:
     max_request_pixels: int
 
     def __post_init__(self) -> None:
-        for name in ("max_image_bytes", "max_image_pixels", "max_request_pixels"):
+        for name in BUDGET_NAMES:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_request_pixels < self.max_image_pixels:
             raise ValueError(f"max_request_pixels ({self.max_request_pixels}) must hold at least one image of "
                              f"max_image_pixels ({self.max_image_pixels})")
+
+    def as_parameters(self) -> dict[str, str]:
+        """The budgets as the config parameters of the models that decode (MAX_IMAGE_BYTES, ...)."""
+        return {name.upper(): str(getattr(self, name)) for name in BUDGET_NAMES}
+
+    @classmethod
+    def from_parameters(cls, parameters: dict[str, str]) -> DecodeBudgets:
+        return cls(**{name: int(parameters[name.upper()]) for name in BUDGET_NAMES})
+
+
+BUDGET_NAMES = ("max_image_bytes", "max_image_pixels", "max_request_pixels")
 
 
 # Measured on this project's 2-core machine (Pillow 13, one thread): JPEG decodes, converts and
@@ -173,15 +184,20 @@ def fit_to_input(image: Image.Image) -> np.ndarray:
     return np.asarray(to_rgb(image).resize((INPUT_WIDTH, INPUT_HEIGHT), Image.BILINEAR))
 
 
-def decode_item(image: Image.Image, index: int) -> np.ndarray:
-    """Decode an opened item into the model's input pixels; any failure is `ImageRejected` naming it."""
+def load_rgb(image: Image.Image, item: str) -> Image.Image:
+    """Decode an opened image, in RGB; any failure is `ImageRejected` naming `item`."""
     try:
         image.load()
-        return fit_to_input(image)
+        return to_rgb(image)
     except Exception as exc:  # crafted files make decoders raise all sorts: each stays its own item's error
-        raise ImageRejected(f"IMAGE[{index}] is not a decodable {image.format} image: {type(exc).__name__}: {exc}") from None
+        raise ImageRejected(f"{item} is not a decodable {image.format} image: {type(exc).__name__}: {exc}") from None
     finally:
         image.close()
+
+
+def decode_item(image: Image.Image, index: int) -> np.ndarray:
+    """Decode an opened item into the model's input pixels; any failure is `ImageRejected` naming it."""
+    return np.asarray(load_rgb(image, f"IMAGE[{index}]").resize((INPUT_WIDTH, INPUT_HEIGHT), Image.BILINEAR))
 
 
 class ParallelDecoder:

@@ -37,11 +37,7 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         parameters = {key: value["string_value"] for key, value in config["parameters"].items()}
-        self.budgets = DecodeBudgets(
-            max_image_bytes=int(parameters["MAX_IMAGE_BYTES"]),
-            max_image_pixels=int(parameters["MAX_IMAGE_PIXELS"]),
-            max_request_pixels=int(parameters["MAX_REQUEST_PIXELS"]),
-        )
+        self.budgets = DecodeBudgets.from_parameters(parameters)
         threads = int(parameters["DECODE_THREADS"])
         self.decoder = ParallelDecoder(threads)
         harden_pillow()
