@@ -164,15 +164,18 @@ def test_instances_reach_the_cpu_model_and_the_engines_and_preprocess_has_its_ow
         assert read_config(tmp_path / "repo", model).instance_group[0].count == count, model
 
 
+def written_cpu_and_gpu_builds(tmp_path, settings):
+    """A CPU build's repository and a GPU build's, both written for `settings`."""
+    write_cpu_models(tmp_path / "cpu", settings.variant, settings.cpu_repository(), RUNTIMES["onnxruntime-fp32"])
+    write_gpu_build(tmp_path / "gpu", settings)
+    return tmp_path / "cpu", tmp_path / "gpu"
+
+
 def test_preprocess_budgets_and_threads_reach_cpu_and_gpu_builds(tmp_path):
     settings = settings_from(["--max-image-bytes", "5000", "--max-image-pixels", "7000", "--max-request-pixels", "9000",
                               "--preprocess-instances", "2", "--decode-threads", "3", "--precision", "fp32", "fp16"])
     expected = {"MAX_IMAGE_BYTES": "5000", "MAX_IMAGE_PIXELS": "7000", "MAX_REQUEST_PIXELS": "9000", "DECODE_THREADS": "3"}
-    for repository in (tmp_path / "cpu", tmp_path / "gpu"):
-        if repository.name == "cpu":
-            write_cpu_models(repository, settings.variant, settings.cpu_repository(), RUNTIMES["onnxruntime-fp32"])
-        else:
-            write_gpu_build(repository, settings)
+    for repository in written_cpu_and_gpu_builds(tmp_path, settings):
         config = read_config(repository, "preprocess")
         assert {k: v.string_value for k, v in config.parameters.items() if k in expected} == expected, repository.name
         assert config.instance_group[0].count == 2
@@ -181,11 +184,7 @@ def test_preprocess_budgets_and_threads_reach_cpu_and_gpu_builds(tmp_path):
 def test_every_build_writes_osnet_frames_over_the_model_the_ensemble_runs(tmp_path):
     settings = settings_from(["--max-batch-size", "16", "--max-image-pixels", "7000", "--max-request-pixels", "9000",
                               "--precision", "fp32", "fp16"])
-    for repository in (tmp_path / "cpu", tmp_path / "gpu"):
-        if repository.name == "cpu":
-            write_cpu_models(repository, settings.variant, settings.cpu_repository(), RUNTIMES["onnxruntime-fp32"])
-        else:
-            write_gpu_build(repository, settings)
+    for repository in written_cpu_and_gpu_builds(tmp_path, settings):
         config = read_config(repository, "osnet_frames")
         assert config.backend == "python" and config.max_batch_size == 0, repository.name
         assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [

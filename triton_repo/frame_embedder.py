@@ -14,15 +14,12 @@ import json
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from batched_responses import invalid_argument
 from contract import BOXES_NAME, EMBEDDING_NAME, FEATURE_DIM, FEATURES_NAME, FRAME_NAME, INPUT_NAME
 from frame_boxes import frame_crops
 from image_decoding import DecodeBudgets, ImageRejected, harden_pillow
 
 OUTPUT_NAMES = (EMBEDDING_NAME, FEATURES_NAME)
-
-
-def _invalid(message):
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG))
 
 
 class TritonPythonModel:
@@ -48,9 +45,9 @@ class TritonPythonModel:
             crops = frame_crops(frame[0], pb_utils.get_input_tensor_by_name(request, BOXES_NAME).as_numpy(),
                                 self.budgets, self.max_boxes)
         except ImageRejected as exc:
-            return _invalid(str(exc))
+            return invalid_argument(str(exc))
         except Exception as exc:  # decode and cut convert every failure; this is the guard on that promise
-            return _invalid(f"{FRAME_NAME} and {BOXES_NAME} could not be read: {type(exc).__name__}: {exc}")
+            return invalid_argument(f"{FRAME_NAME} and {BOXES_NAME} could not be read: {type(exc).__name__}: {exc}")
         if len(crops) == 0:
             return pb_utils.InferenceResponse([pb_utils.Tensor(name, np.empty((0, FEATURE_DIM), np.float32)) for name in wanted])
         embedded = pb_utils.InferenceRequest(

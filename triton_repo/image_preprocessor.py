@@ -18,6 +18,7 @@ import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from batched_responses import invalid_argument
 from contract import IMAGE_NAME, INPUT_NAME
 from image_decoding import DecodeBudgets, ImageRejected, ParallelDecoder, harden_pillow, open_request
 
@@ -27,10 +28,6 @@ from image_decoding import DecodeBudgets, ImageRejected, ParallelDecoder, harden
 GIVE_BACK_AFTER_BYTES, GIVE_BACK_AFTER_PIXELS = 4 << 20, 2_000_000
 GIVE_BACK_DELAY_S = 0.2
 ERRORS_NAMED_PER_REQUEST = 3
-
-
-def _invalid(message):
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG))
 
 
 class TritonPythonModel:
@@ -82,9 +79,9 @@ class TritonPythonModel:
                 work_bytes += sum(len(item) for item in items if isinstance(item, bytes))
                 opened.append((slot, open_request(items, self.budgets)))
             except ImageRejected as exc:
-                responses[slot] = _invalid(str(exc))
+                responses[slot] = invalid_argument(str(exc))
             except Exception as exc:  # one request's input never fails the others
-                responses[slot] = _invalid(f"{IMAGE_NAME} could not be read: {type(exc).__name__}: {exc}")
+                responses[slot] = invalid_argument(f"{IMAGE_NAME} could not be read: {type(exc).__name__}: {exc}")
         work = [(image, index) for _, images in opened for index, image in enumerate(images)]
         decoded_pixels = sum(image.size[0] * image.size[1] for image, _ in work)
         results = iter(self.decoder.decode(work))
@@ -93,7 +90,7 @@ class TritonPythonModel:
             errors = [str(item) for item in items if isinstance(item, ImageRejected)]
             if errors:
                 more = len(errors) - ERRORS_NAMED_PER_REQUEST
-                responses[slot] = _invalid("; ".join(errors[:ERRORS_NAMED_PER_REQUEST]) + (f"; and {more} more" if more > 0 else ""))
+                responses[slot] = invalid_argument("; ".join(errors[:ERRORS_NAMED_PER_REQUEST]) + (f"; and {more} more" if more > 0 else ""))
             else:
                 responses[slot] = pb_utils.InferenceResponse([pb_utils.Tensor(INPUT_NAME, np.stack(items))])
         return responses, work_bytes, decoded_pixels
