@@ -276,7 +276,9 @@ class EmbeddingClient:
 
         def embed(index: int) -> np.ndarray:
             try:
-                return self._client_infer(model, list(requests[index]), output)
+                result = self._client.infer(model, list(requests[index]), outputs=[grpcclient.InferRequestedOutput(output)],
+                                            client_timeout=self.timeout_s)
+                return result.as_numpy(output)
             except InferenceServerException as exc:
                 error = _translate(exc, self.url, model, self.timeout_s)
                 raise type(error)(f"{names[index]}: {error}") from None
@@ -334,10 +336,9 @@ class EmbeddingClient:
             if region is not None:
                 self._shared_inputs.release(region)
 
-    def _client_infer(self, model: str, request: grpcclient.InferInput | list[grpcclient.InferInput], output: str) -> np.ndarray:
+    def _client_infer(self, model: str, request: grpcclient.InferInput, output: str) -> np.ndarray:
         result = self._client.infer(
-            model, request if isinstance(request, list) else [request], outputs=[grpcclient.InferRequestedOutput(output)],
-            client_timeout=self.timeout_s,
+            model, [request], outputs=[grpcclient.InferRequestedOutput(output)], client_timeout=self.timeout_s
         )
         return result.as_numpy(output)
 
@@ -439,8 +440,8 @@ def embed_readable_files(
 
 
 def encode_png(pixels: np.ndarray, name: str = "image") -> bytes:
-    """Decoded pixels (uint8 [H,W,3] RGB, [H,W,4] RGBA or [H,W] gray) as a PNG: lossless, and at zlib's
-    fastest level (a 1080p frame at Pillow's default level costs the client several times longer)."""
+    """Decoded pixels (uint8 [H,W,3] RGB, [H,W,4] RGBA or [H,W] gray) as a PNG: lossless at any zlib level,
+    so at the fastest: a client encodes every frame it sends."""
     pixels = np.asarray(pixels)
     if pixels.dtype != np.uint8 or not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] in (3, 4))) or 0 in pixels.shape:
         raise InvalidInputError(f"{name} is {pixels.dtype} of shape {list(pixels.shape)}: expected uint8 [H,W,3] RGB, "
