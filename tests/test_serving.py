@@ -215,5 +215,5 @@ def test_missing_model_and_unreachable_server_are_named(triton_server):
 def test_health_reports_every_model_ready(client, tensor_model):
     health = client.health()
     assert health.live and health.ready
-    assert health.models == {"osnet": "READY", "preprocess": "READY", tensor_model: "READY"}
+    assert health.models == {"osnet": "READY", "osnet_frames": "READY", "preprocess": "READY", tensor_model: "READY"}
     assert health.server_version.startswith("2.")
