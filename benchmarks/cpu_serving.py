@@ -1,47 +1,59 @@
-"""CPU throughput and precision, side by side in one run: PyTorch eager, every CPU runtime and
-precision in-process, and each of them served by a real tritonserver.
+"""Served against in-process, side by side in one run: the JPEG ensemble against the same decode and
+model in one process, and the uint8 tensor path against the model alone.
 
-For each variant, at batch 32 unless said otherwise:
-- in-process: PyTorch eager FP32, then every CPU runtime this machine runs (`engine_builder.cpu_runtimes`:
-  ONNX Runtime and OpenVINO, FP32 / BF16 / INT8), configured as the served model is;
-- which runtime `osnet-build --runtime auto` picks from those figures, and why;
-- served over gRPC with `EmbeddingClient`: each runtime's tensor model, written as `osnet-build`
-  writes it, as 1 client and as 8 concurrent clients sending batch-32 requests, and as 8 clients
-  sending one image per request (dynamic batching does the batching);
-- for the chosen runtime, also: the tensor model with its input in Triton system shared memory (a
-  co-located client: the 12.6 MB batch is not sent through gRPC), and the `osnet` ensemble from
-  JPEG bytes.
-Models have the weights `osnet-build` uses without --weights (the reference checkpoint for
-osnet_x0_25, seeded random weights otherwise). Beside each row: mean and minimum cosine of its
-embeddings against PyTorch FP32 on held-out generated people (served rows: what came back from the
-server), the cores the load generator itself used (served rows), and the cores other people's
-processes kept busy meanwhile. Every row is the best of `--rounds` rounds, in-process and served alike, and a row
-that others disturbed (> 0.1 core) is measured again once the machine is quiet.
+For each variant, with ONNX Runtime FP32 and with the runtime `osnet-build --runtime auto` picks here
+(measured first, as the build measures it):
+- in-process: the model alone at batch 32; decode + model at batch 8 and at batch 32, decoded by the
+  served preprocessor's own code (osnet_base/image_decoding.py) on as many threads as it gets;
+- served by a real tritonserver, the repository written as `osnet-build` writes it: the `osnet`
+  ensemble from JPEG bytes as 8 clients x 1 image (dynamic batching does the batching) and 1 client
+  x 32 images; the tensor model from uint8 pixels, 1 and 8 clients x 32 images, over gRPC and with
+  the pixels in Triton system shared memory (a client on the server's host).
+Each served row is set against the in-process row of the same work: the ensemble at 8 x 1 against
+decode + model at batch 8, at 1 x 32 against batch 32; the tensor model against the model alone.
+Then the budgets: how long the preprocessor takes over the most expensive request it accepts.
 
-The load generator (Python, gRPC) shares the machine's cores with the server. On a VM, a 12.6 MB
-buffer allocated fresh for every request costs more in page faults than in copying, so this script
-asks glibc to keep large freed buffers (`mallopt`), as `TritonServerProcess` does for the server.
+Frames and boxes (`--frames-only` runs these rows alone): a generated 1280x720 camera frame with 8 or
+32 people, through `osnet_frames` (one request per frame: the frame's JPEG and its boxes), against the
+same boxes cut by the client and sent as JPEG crops through the `osnet` ensemble (one request per
+frame with its K crops); 8 clients (`EmbeddingClient`, both paths alike), each with a frame of its
+own, over ONNX Runtime FP32. Each path once with its JPEGs encoded beforehand (a camera that
+delivers JPEG; crops cut and encoded elsewhere) and once encoded by the client in every request (a
+tracker holding decoded frames). Rows: bytes sent per frame, embeddings/s.
 
-    python -m benchmarks.cpu_serving [--variants osnet_x1_0 osnet_x0_25] [--seconds 6] [--rounds 3]
+Clients send prepared requests over raw gRPC stubs (serialised once; a shared-memory client copies
+its pixels into its region for every call, as a real one must), so the load generator, which shares
+the cores with the server, takes as little of them as it can; its cores are in the table. Requests
+cycle through distinct generated crops. Every row is the best of `--rounds` rounds, and a row that
+other people's processes disturbed (> 0.1 core) is measured again once the machine is quiet. Beside
+each row: the cosine of its embeddings against PyTorch FP32 on the same pixels.
+
+    python -m benchmarks.cpu_serving [--variants osnet_x0_25 osnet_x1_0] [--seconds 6] [--rounds 3] [--frames-only]
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
+import io
 import logging
 import os
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
 BATCH, CONCURRENCY = 32, 8
+BASELINE_RUNTIME = "onnxruntime-fp32"
+BOXES_PER_FRAME = (8, 32)
+FRAME_WIDTH, FRAME_HEIGHT, FRAME_JPEG_QUALITY = 1280, 720, 90
+TARGETS = {"ensemble": 0.8, "tensor, gRPC": 0.9, "tensor, shared memory": 0.95}
 # Above this many cores busy with other people's work, a row is not a measurement of ours.
 QUIET_CORES = 0.1
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -53,13 +65,13 @@ class Row:
     variant: str
     runtime: str
     path: str
-    batch: int
-    concurrency: int
+    batch: int  # images per request
+    clients: int
     images_per_s: float
-    mean_cosine: float | None
+    reference: tuple[str, int] | None  # (path, images per request) of the in-process row this one is set against
     min_cosine: float | None
-    foreign_cores: float
     client_cores: float | None  # served rows: what the load generator (this process) used
+    foreign_cores: float
 
 
 def _system_busy_s() -> float:
@@ -88,8 +100,9 @@ class ForeignLoad:
     """CPU that processes other than ours (this benchmark's process group, and the servers' groups
     added to `groups`) use. Other people's jobs share this machine."""
 
-    def __init__(self) -> None:
+    def __init__(self, quiet_timeout_s: float) -> None:
         self.groups = {os.getpgrp()}
+        self.quiet_timeout_s = quiet_timeout_s
 
     def sample(self) -> tuple[float, float, float]:
         return time.perf_counter(), _system_busy_s(), _group_cpu_s(self.groups)
@@ -99,17 +112,20 @@ class ForeignLoad:
         now = self.sample()
         return max(0.0, (now[1] - start[1]) - (now[2] - start[2])) / (now[0] - start[0])
 
-    def wait_until_quiet(self, seconds: float = 2.0, timeout_s: float = 600.0) -> None:
+    def wait_until_quiet(self, seconds: float = 2.0) -> None:
+        timeout_s = self.quiet_timeout_s
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             start = self.sample()
             time.sleep(seconds)
             if self.cores_since(start) < QUIET_CORES:
                 return
-        print(f"  (the machine stayed busy for {timeout_s:.0f} s: measuring anyway)", flush=True)
+        if timeout_s > 0:
+            print(f"  (the machine stayed busy for {timeout_s:.0f} s: measuring anyway)", flush=True)
 
-    def measured_quietly(self, run: Callable[[], T], attempts: int = 4) -> tuple[T, float]:
+    def measured_quietly(self, run: Callable[[], T], attempts: int = 3) -> tuple[T, float]:
         """(result, cores others used meanwhile) of `run`, redone (up to `attempts` times) while others disturb it."""
+        attempts = attempts if self.quiet_timeout_s > 0 else 1
         for attempt in range(1, attempts + 1):
             self.wait_until_quiet()
             start = self.sample()
@@ -120,21 +136,22 @@ class ForeignLoad:
             print(f"  (others used {foreign:.2f} cores meanwhile: measuring again)", flush=True)
 
 
-def measure(run_batch: Callable[[], int], seconds: float, concurrency: int = 1, rounds: int = 1) -> tuple[float, float]:
-    """Images per second of `run_batch` (returns how many images it did) called in `concurrency`
-    threads, and the cores this process used meanwhile: the best of `rounds` rounds of `seconds / rounds`."""
-    run_batch()  # warm-up: first-call allocation and graph optimisation are not throughput
+def measure(calls: Sequence[Callable[[], int]], seconds: float, rounds: int) -> tuple[float, float]:
+    """Images per second of `calls` (one per thread, each returning how many images it did), and the
+    cores this process used meanwhile: the best of `rounds` rounds of `seconds / rounds`."""
+    for call in calls:
+        call()  # warm-up: first-call allocations, graph specialisation, connections
     best, best_cores = 0.0, 0.0
     for _ in range(rounds):
-        done = [0] * concurrency
+        done = [0] * len(calls)
         deadline = time.perf_counter() + seconds / rounds
 
         def worker(slot: int) -> None:
             while time.perf_counter() < deadline:
-                done[slot] += run_batch()
+                done[slot] += calls[slot]()
 
         started, cpu_started = time.perf_counter(), time.process_time()
-        threads = [threading.Thread(target=worker, args=(slot,)) for slot in range(concurrency)]
+        threads = [threading.Thread(target=worker, args=(slot,)) for slot in range(len(calls))]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -145,43 +162,119 @@ def measure(run_batch: Callable[[], int], seconds: float, concurrency: int = 1, 
     return best, best_cores
 
 
-def cosines(embeddings: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+def min_cosine(embeddings: np.ndarray, reference: np.ndarray) -> float:
     unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
-    values = np.sum(unit * reference, axis=1)
-    return float(values.mean()), float(values.min())
+    return float(np.sum(unit * reference, axis=1).min())
 
 
-class PerThread(Generic[T]):
-    """One client per load-generator thread, all closed at the end."""
+def cycling(items: Sequence[T]) -> Callable[[], T]:
+    """The next of `items` at each call, from a random start: clients do not march in step."""
+    state = {"next": int(np.random.default_rng().integers(len(items)))}
 
-    def __init__(self, factory: Callable[[], T]):
-        self._factory, self._local, self._lock = factory, threading.local(), threading.Lock()
-        self._made: list[T] = []
+    def next_item() -> T:
+        item = items[state["next"] % len(items)]
+        state["next"] += 1
+        return item
 
-    def get(self) -> T:
-        if not hasattr(self._local, "client"):
-            self._local.client = self._factory()
-            with self._lock:
-                self._made.append(self._local.client)
-        return self._local.client
+    return next_item
+
+
+class PreparedCalls:
+    """ModelInfer requests serialised once and sent over a raw gRPC stub, one channel per client:
+    what the server does is measured, not tritonclient's request building."""
+
+    def __init__(self, url: str):
+        import grpc
+        from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+        self._pb = service_pb2
+        self._channels = []
+        self._grpc, self._grpc_stub, self._url = grpc, service_pb2_grpc.GRPCInferenceServiceStub, url
+
+    def stub(self):
+        options = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)]
+        channel = self._grpc.insecure_channel(self._url, options=options)
+        self._channels.append(channel)
+        return self._grpc_stub(channel)
+
+    def request(self, model: str, name: str, datatype: str, array: np.ndarray, output: str, shared_region: str | None = None):
+        from osnet_base.contract import IMAGE_NAME
+
+        request = self._pb.ModelInferRequest(model_name=model)
+        tensor = request.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
+        if shared_region is not None:
+            tensor.parameters["shared_memory_region"].string_param = shared_region
+            tensor.parameters["shared_memory_byte_size"].int64_param = array.nbytes
+        elif name == IMAGE_NAME:
+            from tritonclient.utils import serialize_byte_tensor
+
+            request.raw_input_contents.append(serialize_byte_tensor(array).item())
+        else:
+            request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
+        request.outputs.add(name=output)
+        return request
 
     def close(self) -> None:
-        for client in self._made:
-            client.close()
+        for channel in self._channels:
+            channel.close()
 
 
-def benchmark_variant(variant: str, seconds: float, rounds: int, workdir: Path, settings, load: ForeignLoad) -> tuple[list[Row], tuple[str, str]]:
-    import torch
+class SharedRegions:
+    """One Triton system shared-memory region per client, registered once; removed on close."""
 
-    from client.embedding_client import EmbeddingClient
-    from osnet_base.triton_server import TritonServerConfig, TritonServerProcess
+    def __init__(self, url: str):
+        import tritonclient.grpc as grpcclient
+        import tritonclient.utils.shared_memory as system_shm
+
+        self._shm, self._client, self._regions = system_shm, grpcclient.InferenceServerClient(url), []
+
+    def create(self, byte_size: int) -> tuple[str, np.ndarray]:
+        name = f"osnet_bench_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+        handle = self._shm.create_shared_memory_region(name, f"/{name}", byte_size)
+        self._client.register_system_shared_memory(name, f"/{name}", byte_size)
+        self._regions.append((name, handle))
+        return name, handle
+
+    def write(self, handle, array: np.ndarray) -> None:
+        self._shm.set_shared_memory_region(handle, [array])
+
+    def close(self) -> None:
+        for name, handle in self._regions:
+            try:
+                self._client.unregister_system_shared_memory(name)
+            finally:
+                self._shm.destroy_shared_memory_region(handle)
+        self._client.close()
+
+
+class InProcessPipeline:
+    """Decode + model in one process: the preprocessor's own opening and decoding, on as many threads, then `embed`."""
+
+    def __init__(self, embed: Callable[[np.ndarray], np.ndarray], budgets, threads: int):
+        from osnet_base.image_decoding import ParallelDecoder
+
+        self.embed, self.budgets, self.decoder = embed, budgets, ParallelDecoder(threads)
+
+    def __call__(self, encoded: Sequence[bytes]) -> np.ndarray:
+        from osnet_base.image_decoding import open_request
+
+        images = open_request(encoded, self.budgets)
+        return self.embed(np.stack(self.decoder.decode([(image, index) for index, image in enumerate(images)])))
+
+    def close(self) -> None:
+        self.decoder.close()
+
+
+def benchmark_variant(variant: str, seconds: float, rounds: int, workdir: Path, settings, load: ForeignLoad) -> tuple[list[Row], str]:
     from engine_builder.build import make_cpu_graphs, pytorch_embeddings
     from engine_builder.cpu_runtimes import (
+        RUNTIMES,
         RuntimeSelection,
         available_runtimes,
         choose_runtime,
         cpu_capabilities,
         measure_candidates,
+        open_embedder,
         openvino_installed,
     )
     from engine_builder.image_sets import EVALUATION_SEED, image_set, preprocess_all
@@ -189,127 +282,310 @@ def benchmark_variant(variant: str, seconds: float, rounds: int, workdir: Path, 
     from engine_builder.reference_weights import default_weights
     from engine_builder.synthetic_people import person_jpegs
     from engine_builder.triton_repository import write_cpu_models
+    from osnet_base.triton_server import TritonServerConfig, TritonServerProcess
 
     rows: list[Row] = []
 
-    def record(runtime: str, path: str, batch: int, clients: int, rate: float, foreign: float,
-               agreement: tuple[float | None, float | None], client_cores: float | None = None) -> None:
-        mean, minimum = agreement
-        rows.append(Row(variant=variant, runtime=runtime, path=path, batch=batch, concurrency=clients, images_per_s=rate,
-                        mean_cosine=mean, min_cosine=minimum, foreign_cores=foreign,
-                        client_cores=client_cores))
-        cosine = "" if mean is None else f"  cosine mean {mean:.6f} min {minimum:.6f}"
-        cosine += "" if client_cores is None else f"  load generator {client_cores:.2f} cores"
-        print(f"  {variant:<12} {runtime:<17} {path:<32} batch {batch:>2} x {clients}: {rate:8.1f} img/s{cosine}"
-              f"  (others: {foreign:.2f} cores)", flush=True)
+    def record(runtime: str, path: str, batch: int, clients: int, measured: tuple[tuple[float, float], float],
+               cosine: float | None, reference: tuple[str, int] | None = None, served: bool = False) -> None:
+        (rate, cores), foreign = measured
+        rows.append(Row(variant=variant, runtime=runtime, path=path, batch=batch, clients=clients, images_per_s=rate,
+                        reference=reference, min_cosine=cosine, client_cores=cores if served else None, foreign_cores=foreign))
+        extra = f"  load generator {cores:.2f} cores" if served else ""
+        print(f"  {variant:<12} {runtime:<17} {path:<30} {batch:>2} x {clients}: {rate:8.1f} img/s  min cosine "
+              f"{cosine if cosine is not None else float('nan'):.6f}{extra}  (others: {foreign:.2f} cores)", flush=True)
 
-    selection = RuntimeSelection()  # --runtime auto, as osnet-build
-    # What `osnet-build` serves without --weights: precision depends on the weights, speed does not.
-    weights = default_weights(variant)
+    selection = RuntimeSelection(runtime="auto")
+    weights = default_weights(variant)  # what `osnet-build` serves without --weights
     print(f"  {variant}: {weights or 'seeded random weights'}", flush=True)
     model = create_osnet(variant, weights)
     evaluation = image_set(None, selection.evaluation_images, EVALUATION_SEED)
-    reference = pytorch_embeddings(model, evaluation)
-    images = np.resize(evaluation, (BATCH, *evaluation.shape[1:]))
-    tensor = torch.from_numpy(images)
-
-    def torch_batch() -> int:
-        with torch.inference_mode():
-            model(tensor)
-        return BATCH
-
-    (rate, _), foreign = load.measured_quietly(lambda: measure(torch_batch, seconds, rounds=rounds))
-    record("pytorch-fp32", "in-process (eager)", BATCH, 1, rate, foreign, (1.0, 1.0))
-
-    runtimes = available_runtimes(cpu_capabilities(), openvino_installed())
+    candidates = available_runtimes(cpu_capabilities(), openvino_installed())
     graph_dir = workdir / variant / "graphs"
     graph_dir.mkdir(parents=True)
-    graphs = make_cpu_graphs(model, {runtime.graph for runtime in runtimes}, graph_dir, selection)
-    # What `--runtime auto` measures at build time, with more time per candidate.
-    measurements, foreign = load.measured_quietly(lambda: measure_candidates(
-        runtimes, graphs, evaluation, reference, floor=selection.floor, threads=settings.threads_per_instance(),
-        streams=settings.streams, batch_size=BATCH, seconds_per_candidate=seconds, rounds=rounds))
-    for measured in measurements:
-        record(measured.runtime, "in-process", BATCH, 1, measured.images_per_s or 0.0, foreign,
-               (measured.mean_cosine, measured.min_cosine))
+    graphs = make_cpu_graphs(model, {runtime.graph for runtime in candidates}, graph_dir, selection)
+    # What `--runtime auto` measures at build time.
+    measurements, _ = load.measured_quietly(lambda: measure_candidates(
+        candidates, graphs, evaluation, pytorch_embeddings(model, evaluation), floor=selection.floor,
+        threads=settings.threads_per_instance(), streams=settings.streams, instances=settings.instances,
+        batch_size=BATCH, seconds_per_candidate=seconds, rounds=rounds))
     chosen, reason = choose_runtime(measurements, selection.floor)
+    print(f"  auto picks {chosen}: {reason}", flush=True)
 
-    jpegs = person_jpegs(BATCH * 4, cameras=3)
-    jpeg_reference = pytorch_embeddings(model, preprocess_all(jpegs[:BATCH]))
-    for runtime in runtimes:
-        repository = workdir / variant / runtime.name
+    jpegs = person_jpegs(BATCH * 8, cameras=3, seed=21)
+    pixels = preprocess_all(jpegs)
+    reference = pytorch_embeddings(model, pixels)
+    batches = [slice(start, start + BATCH) for start in range(0, len(jpegs), BATCH)]
+    _, decode_threads = settings.preprocess_layout()
+    budgets = settings.decode_budgets()
+    for runtime_name in dict.fromkeys([BASELINE_RUNTIME, chosen]):
+        runtime = RUNTIMES[runtime_name]
+        parameters = runtime.config_parameters(settings.threads_per_instance(), settings.streams)
+        embed, _ = open_embedder(runtime, graphs[runtime.graph], parameters, settings.instances)
+        next_batch = cycling(batches)
+        cosine = min_cosine(np.concatenate([embed(pixels[part]) for part in batches]), reference)
+        record(runtime_name, "in-process: model", BATCH, 1,
+               load.measured_quietly(lambda: measure([lambda: len(embed(pixels[next_batch()]))], seconds, rounds)), cosine)
+        pipeline = InProcessPipeline(embed, budgets, decode_threads)
+        cosine = min_cosine(np.concatenate([pipeline(jpegs[part]) for part in batches]), reference)
+        for size in (CONCURRENCY, BATCH):
+            groups = cycling([jpegs[start : start + size] for start in range(0, len(jpegs), size)])
+            record(runtime_name, "in-process: decode + model", size, 1,
+                   load.measured_quietly(lambda: measure([lambda: len(pipeline(groups()))], seconds, rounds)), cosine)
+        pipeline.close()
+        del embed
+
+        repository = workdir / variant / runtime_name
         tensor_model = write_cpu_models(repository, variant, settings, runtime)
         shutil.copyfile(graphs[runtime.graph], repository / tensor_model / "1" / "model.onnx")
         with TritonServerProcess(TritonServerConfig(model_repository=repository)) as server:
             load.groups.add(server.pid)  # the server leads its own process group, its python stubs included
-            clients = PerThread(lambda: EmbeddingClient(server.grpc_url))
-            shared = PerThread(lambda: EmbeddingClient(server.grpc_url, shared_memory=True))
+            calls, regions = PreparedCalls(server.grpc_url), SharedRegions(server.grpc_url)
             try:
-                served = np.concatenate([clients.get().embed_tensors(evaluation[i : i + BATCH], tensor_model)
-                                         for i in range(0, len(evaluation), BATCH)])
-                agreement = cosines(served, reference)
-                plan = [
-                    ("tensor model, gRPC", BATCH, 1, lambda: len(clients.get().embed_tensors(images, tensor_model))),
-                    ("tensor model, gRPC", BATCH, CONCURRENCY, lambda: len(clients.get().embed_tensors(images, tensor_model))),
-                    ("tensor model, gRPC", 1, CONCURRENCY, lambda: len(clients.get().embed_tensors(images[:1], tensor_model))),
-                ]
-                if runtime.name == chosen:
-                    plan += [
-                        ("tensor model, shared memory", BATCH, 1, lambda: len(shared.get().embed_tensors(images, tensor_model))),
-                        ("tensor model, shared memory", BATCH, CONCURRENCY, lambda: len(shared.get().embed_tensors(images, tensor_model))),
-                    ]
-                for path, per_request, concurrency, run in plan:
-                    (rate, cores), foreign = load.measured_quietly(lambda: measure(run, seconds, concurrency, rounds))
-                    record(runtime.name, path, per_request, concurrency, rate, foreign, agreement, cores)
-                if runtime.name == chosen:
-                    ensemble = cosines(clients.get().embed_images(jpegs[:BATCH]), jpeg_reference)
-                    for per_request, concurrency in ((BATCH, 1), (1, CONCURRENCY)):
-                        (rate, cores), foreign = load.measured_quietly(lambda: measure(
-                            lambda: len(clients.get().embed_images(jpegs[:per_request])), seconds, concurrency, rounds))
-                        record(runtime.name, "ensemble, JPEG bytes over gRPC", per_request, concurrency, rate, foreign, ensemble, cores)
+                served_rows(server.grpc_url, runtime_name, tensor_model, jpegs, pixels, reference, batches, calls, regions,
+                            record, load, seconds, rounds)
             finally:
-                clients.close()
-                shared.close()
+                calls.close()
+                regions.close()
                 load.groups.discard(server.pid)
-    return rows, (chosen, reason)
+    return rows, f"{chosen}: {reason}"
 
 
-def print_table(rows: list[Row], choices: dict[str, tuple[str, str]], settings, seconds: float, rounds: int) -> None:
+def served_rows(url, runtime_name, tensor_model, jpegs, pixels, reference, batches, calls, regions, record, load, seconds,
+                rounds) -> None:
+    from client.embedding_client import EmbeddingClient
+    from osnet_base.contract import EMBEDDING_NAME, ENSEMBLE_MODEL, IMAGE_NAME, INPUT_DATATYPE, INPUT_NAME
+    from tritonclient.grpc import service_pb2
+
+    def embedding_count(response: service_pb2.ModelInferResponse) -> int:
+        return len(response.raw_output_contents[0]) // (4 * 512)
+
+    with EmbeddingClient(url) as client:
+        ensemble_cosine = min_cosine(np.concatenate([client.embed_images(jpegs[part]) for part in batches]), reference)
+        tensor_cosine = min_cosine(np.concatenate([client.embed_tensors(pixels[part], tensor_model) for part in batches]), reference)
+    with EmbeddingClient(url, shared_memory=True) as client:
+        shared_cosine = min_cosine(np.concatenate([client.embed_tensors(pixels[part], tensor_model) for part in batches]), reference)
+
+    def clients_cycling(requests: list, clients: int) -> list[Callable[[], int]]:
+        """`clients` callers, each on its own channel, each sending the next of `requests` at every call."""
+        made = []
+        for _ in range(clients):
+            stub, next_request = calls.stub(), cycling(requests)
+            made.append(lambda stub=stub, next_request=next_request: embedding_count(stub.ModelInfer(next_request())))
+        return made
+
+    def ensemble_calls(size: int, clients: int) -> list[Callable[[], int]]:
+        encoded = [np.array([[jpeg] for jpeg in jpegs[start : start + size]], dtype=np.object_) for start in range(0, len(jpegs), size)]
+        return clients_cycling([calls.request(ENSEMBLE_MODEL, IMAGE_NAME, "BYTES", items, EMBEDDING_NAME) for items in encoded], clients)
+
+    def tensor_calls(clients: int) -> list[Callable[[], int]]:
+        return clients_cycling([calls.request(tensor_model, INPUT_NAME, INPUT_DATATYPE, pixels[part], EMBEDDING_NAME)
+                                for part in batches], clients)
+
+    def shared_calls(clients: int) -> list[Callable[[], int]]:
+        made = []
+        for _ in range(clients):
+            name, handle = regions.create(pixels[batches[0]].nbytes)
+            request = calls.request(tensor_model, INPUT_NAME, INPUT_DATATYPE, pixels[batches[0]], EMBEDDING_NAME, shared_region=name)
+            stub, next_part = calls.stub(), cycling(batches)
+
+            def call(stub=stub, handle=handle, request=request, next_part=next_part) -> int:
+                regions.write(handle, pixels[next_part()])  # a real client's pixels are new every time
+                return embedding_count(stub.ModelInfer(request))
+
+            made.append(call)
+        return made
+
+    for size, clients in ((1, CONCURRENCY), (BATCH, 1)):
+        made = ensemble_calls(size, clients)
+        record(runtime_name, "ensemble, JPEG over gRPC", size, clients, load.measured_quietly(lambda: measure(made, seconds, rounds)),
+               ensemble_cosine, reference=("in-process: decode + model", size * clients), served=True)
+    for clients in (1, CONCURRENCY):
+        made = tensor_calls(clients)
+        record(runtime_name, "tensor, gRPC", BATCH, clients, load.measured_quietly(lambda: measure(made, seconds, rounds)),
+               tensor_cosine, reference=("in-process: model", BATCH), served=True)
+        made = shared_calls(clients)
+        record(runtime_name, "tensor, shared memory", BATCH, clients, load.measured_quietly(lambda: measure(made, seconds, rounds)),
+               shared_cosine, reference=("in-process: model", BATCH), served=True)
+
+
+def reference_row(rows: list[Row], row: Row) -> Row | None:
+    """The in-process row `row` is set against."""
+    if row.reference is None:
+        return None
+    path, batch = row.reference
+    return next(r for r in rows if r.variant == row.variant and r.runtime == row.runtime and r.path == path and r.batch == batch)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FrameRow:
+    variant: str
+    boxes: int
+    path: str
+    bytes_per_frame: int
+    embeddings_per_s: float
+    client_cores: float
+    foreign_cores: float
+
+
+def benchmark_frames(variant: str, seconds: float, rounds: int, workdir: Path, settings, load: ForeignLoad) -> list[FrameRow]:
+    from PIL import Image
+
+    from client.embedding_client import EmbeddingClient
+    from engine_builder.build import make_cpu_graphs
+    from engine_builder.cpu_runtimes import RUNTIMES, RuntimeSelection
+    from engine_builder.models import create_osnet
+    from engine_builder.reference_weights import default_weights
+    from engine_builder.synthetic_people import compose_frame, render_person
+    from engine_builder.triton_repository import write_cpu_models
+    from osnet_base.frame_boxes import pixel_boxes
+    from osnet_base.triton_server import TritonServerConfig, TritonServerProcess
+
+    def jpeg(pixels: np.ndarray) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=FRAME_JPEG_QUALITY)
+        return buffer.getvalue()
+
+    runtime = RUNTIMES[BASELINE_RUNTIME]
+    repository = workdir / variant / "frames"
+    graphs = make_cpu_graphs(create_osnet(variant, default_weights(variant)), {runtime.graph}, workdir / variant, RuntimeSelection())
+    tensor_model = write_cpu_models(repository, variant, settings, runtime)
+    shutil.copyfile(graphs[runtime.graph], repository / tensor_model / "1" / "model.onnx")
+    rows: list[FrameRow] = []
+    with TritonServerProcess(TritonServerConfig(model_repository=repository)) as server:
+        load.groups.add(server.pid)
+        clients = [EmbeddingClient(server.grpc_url) for _ in range(CONCURRENCY)]
+        try:
+            for count in BOXES_PER_FRAME:
+                # A frame of other people for each client: no cache anywhere sees the same pixels twice in a row.
+                frames = []
+                for slot in range(CONCURRENCY):
+                    people = [render_person(1000 * slot + index, camera=slot % 3) for index in range(count)]
+                    image, boxes = compose_frame(people, FRAME_WIDTH, FRAME_HEIGHT, camera=slot % 3, seed=slot)
+                    pixels = np.asarray(image)
+                    cut = [pixels[y1:y2, x1:x2] for x1, y1, x2, y2 in pixel_boxes(boxes, FRAME_WIDTH, FRAME_HEIGHT, count).tolist()]
+                    frames.append((pixels, boxes, cut, jpeg(pixels), [jpeg(crop) for crop in cut]))
+                plan = [
+                    ("osnet_frames, frame JPEG encoded beforehand", lambda f: len(f[3]) + f[1].nbytes,
+                     lambda client, f: len(client.embed_frames([(f[3], f[1])])[0])),
+                    ("osnet_frames, client encodes the frame", lambda f: len(f[3]) + f[1].nbytes,
+                     lambda client, f: len(client.embed_frames([(jpeg(f[0]), f[1])])[0])),
+                    ("osnet, JPEG crops encoded beforehand", lambda f: sum(map(len, f[4])),
+                     lambda client, f: len(client.embed_images(f[4]))),
+                    ("osnet, client cuts and encodes crops", lambda f: sum(map(len, f[4])),
+                     lambda client, f: len(client.embed_images([jpeg(crop) for crop in f[2]]))),
+                ]
+                for path, sent, send in plan:
+                    calls = [lambda client=client, frame=frame: send(client, frame) for client, frame in zip(clients, frames)]
+                    (rate, cores), foreign = load.measured_quietly(lambda: measure(calls, seconds, rounds))
+                    row = FrameRow(variant=variant, boxes=count, path=path, bytes_per_frame=int(np.mean([sent(f) for f in frames])),
+                                   embeddings_per_s=rate, client_cores=cores, foreign_cores=foreign)
+                    rows.append(row)
+                    print(f"  {variant:<12} {count:>2} boxes  {path:<44} {row.bytes_per_frame:>8} B/frame {rate:8.1f} emb/s"
+                          f"  load generator {cores:.2f} cores  (others: {foreign:.2f} cores)", flush=True)
+        finally:
+            for client in clients:
+                client.close()
+            load.groups.discard(server.pid)
+    return rows
+
+
+def print_frames_table(rows: list[FrameRow], seconds: float, rounds: int) -> None:
+    print(f"\n| variant | boxes per frame | path | bytes sent per frame | embeddings/s | x osnet, JPEG crops encoded beforehand "
+          "| load generator cores | others' cores |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        crops = next(c for c in rows if (c.variant, c.boxes, c.path) == (r.variant, r.boxes, "osnet, JPEG crops encoded beforehand"))
+        print(f"| {r.variant} | {r.boxes} | {r.path} | {r.bytes_per_frame} | {r.embeddings_per_s:.1f} | "
+              f"{r.embeddings_per_s / crops.embeddings_per_s:.2f} | {r.client_cores:.2f} | {r.foreign_cores:.2f} |")
+    print(f"\n{os.cpu_count()} CPU cores, shared by the server and the load generator ({CONCURRENCY} clients, one frame per "
+          f"request); {FRAME_WIDTH}x{FRAME_HEIGHT} frames, JPEG quality {FRAME_JPEG_QUALITY}; ONNX Runtime FP32. Each row: best "
+          f"of {rounds} rounds of {seconds / rounds:.1f} s.")
+
+
+def print_table(rows: list[Row], choices: dict[str, str], settings, seconds: float, rounds: int) -> None:
     from osnet_base.triton_server import KEEP_LARGE_BUFFERS
 
-    best_in_process = {}
-    for row in rows:
-        if row.path.startswith("in-process"):
-            best_in_process[row.variant] = max(best_in_process.get(row.variant, 0.0), row.images_per_s)
-    print("\n| variant | runtime | path | images/request | clients | img/s | x best in-process | mean cosine | min cosine "
+    print("\n| variant | runtime | path | images/request x clients | img/s | in-process img/s | ratio | target | min cosine "
           "| load generator cores | others' cores |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        cosine = "- | -" if r.mean_cosine is None else f"{r.mean_cosine:.6f} | {r.min_cosine:.6f}"
-        client = "-" if r.client_cores is None else f"{r.client_cores:.2f}"
-        print(f"| {r.variant} | {r.runtime} | {r.path} | {r.batch} | {r.concurrency} | {r.images_per_s:.1f} | "
-              f"{r.images_per_s / best_in_process[r.variant]:.2f} | {cosine} | {client} | {r.foreign_cores:.2f} |")
+    for row in rows:
+        against = reference_row(rows, row)
+        target = next((value for key, value in TARGETS.items() if row.path.startswith(key)), None)
+        ratio = "-" if against is None else f"{row.images_per_s / against.images_per_s:.2f}"
+        verdict = "" if against is None else (" (met)" if row.images_per_s >= target * against.images_per_s else " (**missed**)")
+        print(f"| {row.variant.removeprefix('osnet_')} | {row.runtime} | {row.path} | {row.batch} x {row.clients} | "
+              f"{row.images_per_s:.1f} | {'-' if against is None else f'{against.images_per_s:.1f}'} | {ratio} | "
+              f"{'-' if target is None else f'>= {target}{verdict}'} | "
+              f"{'-' if row.min_cosine is None else f'{row.min_cosine:.6f}'} | "
+              f"{'-' if row.client_cores is None else f'{row.client_cores:.2f}'} | {row.foreign_cores:.2f} |")
     print()
-    for variant, (chosen, reason) in choices.items():
-        print(f"- {variant}: auto picks {chosen}: {reason}.")
-        for path in ("tensor model, gRPC", "tensor model, shared memory"):
-            served = [r for r in rows if r.variant == variant and r.runtime == chosen and r.path == path and r.batch == BATCH]
-            best = max(served, key=lambda r: r.images_per_s)
-            print(f"  - served {chosen}, {path}, batch {BATCH} x {best.concurrency} clients: {best.images_per_s:.1f} img/s = "
-                  f"{best.images_per_s / best_in_process[variant]:.2f}x the best in-process figure "
-                  f"({best_in_process[variant]:.1f} img/s), mean cosine {best.mean_cosine:.6f} vs PyTorch FP32; "
-                  f"the load generator used {best.client_cores:.2f} of the {os.cpu_count()} cores")
-    streams = settings.streams or "OpenVINO THROUGHPUT default"
-    print(f"\n{os.cpu_count()} CPU cores; server and load generator share them. Each row: best of {rounds} rounds of "
-          f"{seconds / rounds:.1f} s. Tensor models: {settings.instances} instance(s), threads "
-          f"{settings.threads_per_instance() or 'runtime default'}, streams {streams}, dynamic batching (max queue delay "
-          f"{settings.max_queue_delay_us} us, preferred sizes {list(settings.preferred_batch_sizes) or 'none'}); "
-          f"glibc malloc keeps large buffers ({KEEP_LARGE_BUFFERS}) in the load generator and the servers.")
+    for variant, choice in choices.items():
+        print(f"- {variant}: auto picks {choice}.")
+    instances, threads = settings.preprocess_layout()
+    print(f"\n{os.cpu_count()} CPU cores; the server and the load generator share them. Each row: best of {rounds} rounds of "
+          f"{seconds / rounds:.1f} s. preprocess: {instances} instance(s) x {threads} decode thread(s); tensor model: "
+          f"{settings.instances} instance(s), threads {settings.threads_per_instance() or 'runtime default'}; dynamic batching "
+          f"with a {settings.max_queue_delay_us} us queue delay; glibc keeps large buffers ({KEEP_LARGE_BUFFERS}) in the "
+          "load generator and the servers.")
+
+
+def budget_rows(settings) -> None:
+    """How long the preprocessor takes over the most expensive requests its budgets let in, decoded by
+    its own code on its own threads, in-process: the budgets' promise of about 100 ms."""
+    from PIL import Image
+
+    from osnet_base.image_decoding import MAX_JPEG_SCANS, ParallelDecoder, open_request
+
+    budgets = settings.decode_budgets()
+    _, threads = settings.preprocess_layout()
+    rng = np.random.default_rng(0)
+    width = 2000
+    height = budgets.max_image_pixels // width
+    noise = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+    def largest_jpeg(progressive: bool) -> bytes:
+        for quality in range(95, 0, -5):  # the most entropy that fits the byte budget
+            buffer = io.BytesIO()
+            Image.fromarray(noise).save(buffer, format="JPEG", quality=quality, progressive=progressive)
+            if buffer.tell() <= budgets.max_image_bytes:
+                return buffer.getvalue()
+        raise RuntimeError("no JPEG of noise fits the byte budget")
+
+    progressive = largest_jpeg(True)
+    # The progressive file with its smallest scan repeated up to the scan limit (or as often as the byte budget allows).
+    starts = [index for index in range(len(progressive) - 1) if progressive[index : index + 2] == b"\xff\xda"]
+    smallest = min((progressive[start:end] for start, end in zip(starts, [*starts[1:], len(progressive) - 2])), key=len)
+    repeats = min(MAX_JPEG_SCANS - len(starts), (budgets.max_image_bytes - len(progressive)) // len(smallest))
+    many_scans = progressive[:-2] + smallest * max(0, repeats) + b"\xff\xd9"
+    solid = io.BytesIO()
+    Image.fromarray(np.zeros((height, width, 3), np.uint8)).save(solid, format="PNG")
+    per_request = budgets.max_request_pixels // (width * height)
+    cases = {
+        f"JPEG of noise, baseline ({len(largest_jpeg(False)) >> 10} KiB)": largest_jpeg(False),
+        f"JPEG of noise, progressive ({len(progressive) >> 10} KiB)": progressive,
+        f"the same, {len(starts) + max(0, repeats)} scans ({len(many_scans) >> 10} KiB)": many_scans,
+        "PNG, solid colour": solid.getvalue(),
+    }
+    decoder = ParallelDecoder(threads)
+    print(f"\nThe most expensive requests the budgets let in ({per_request} x {width}x{height} = {per_request * width * height} "
+          f"pixels; MAX_IMAGE_BYTES {budgets.max_image_bytes}), decoded by the preprocessor's code on its {threads} "
+          "thread(s), in-process, best of 3:\n")
+    print("| request | ms |\n|---|---:|")
+    for name, data in cases.items():
+        request = [data] * per_request
+        best = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            images = open_request(request, budgets)
+            decoder.decode([(image, index) for index, image in enumerate(images)])
+            best = min(best, time.perf_counter() - started)
+        print(f"| {per_request} x {name} | {best * 1e3:.0f} |")
+    decoder.close()
 
 
 def keep_large_buffers() -> None:
-    """What `KEEP_LARGE_BUFFERS` does for the servers, for the load generator (this process):
-    without it each batch-32 request costs the client ~40 ms of CPU in page faults instead of ~10."""
+    """What `KEEP_LARGE_BUFFERS` does for the servers, for the load generator (this process)."""
     from osnet_base.triton_server import MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES
 
     libc = ctypes.CDLL("libc.so.6")
@@ -322,23 +598,33 @@ def main() -> None:
     from engine_builder.triton_repository import CpuRepositorySettings
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=["osnet_x1_0", "osnet_x0_25"])
+    parser.add_argument("--variants", nargs="+", default=["osnet_x0_25", "osnet_x1_0"])
     parser.add_argument("--seconds", type=float, default=6.0, help="measuring time per row (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per row; the best counts (default: %(default)s)")
+    parser.add_argument("--quiet-timeout-s", type=float, default=300.0,
+                        help="how long to wait, before each row, for other people's processes to let the cores go (default: %(default)s)")
+    parser.add_argument("--frames-only", action="store_true", help="only the frames-and-boxes rows (osnet_frames against JPEG crops)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     keep_large_buffers()
     settings = CpuRepositorySettings()
-    load = ForeignLoad()
+    load = ForeignLoad(args.quiet_timeout_s)
     rows: list[Row] = []
-    choices: dict[str, tuple[str, str]] = {}
+    frame_rows: list[FrameRow] = []
+    choices: dict[str, str] = {}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="osnet_bench_") as workdir:
         for variant in args.variants:
-            variant_rows, choices[variant] = benchmark_variant(variant, args.seconds, args.rounds, Path(workdir), settings, load)
-            rows += variant_rows
-    print_table(rows, choices, settings, args.seconds, args.rounds)
-    print(f"Run time {time.perf_counter() - started:.0f} s.")
+            if not args.frames_only:
+                variant_rows, choices[variant] = benchmark_variant(variant, args.seconds, args.rounds, Path(workdir), settings, load)
+                rows += variant_rows
+            frame_rows += benchmark_frames(variant, args.seconds, args.rounds, Path(workdir), settings, load)
+        if rows:
+            print_table(rows, choices, settings, args.seconds, args.rounds)
+        print_frames_table(frame_rows, args.seconds, args.rounds)
+    if not args.frames_only:
+        budget_rows(settings)
+    print(f"\nRun time {time.perf_counter() - started:.0f} s.")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
   osnet-client health                      ready only if a real inference is answered correctly
   osnet-client embed IMAGES... -o out.npy  embed files or folders (batched, concurrent)
+  osnet-client embed-frames DIR --boxes B -o out.npy
+                                           one embedding per detected person: frames and their boxes
   osnet-client compare A.jpg B.jpg         cosine similarity of two crops
   osnet-client evaluate --data DIR         CMC rank-1/5/10 and mAP on a Market-1501-layout query/gallery
   osnet-client gallery build DIR --index G embed a folder of crops into a gallery index saved in G
@@ -29,6 +31,8 @@ def add_endpoint_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from osnet_base.contract import FRAMES_MODEL
+
     parser = argparse.ArgumentParser(prog="osnet-client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -45,6 +49,21 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--skip-unreadable", action="store_true",
                        help="leave out files that cannot be read or decoded, and list them, instead of failing the job")
     embed.set_defaults(run=run_embed)
+
+    frames = commands.add_parser(
+        "embed-frames", help="embed every box of a folder of camera frames into a .npy",
+        description="Each frame is sent once, with its boxes, to osnet_frames, which cuts and embeds them. The boxes "
+        "file has one row per box: frame (file name inside FRAMES), camera, x1, y1, x2, y2 (frame pixels); as CSV "
+        "with that header line, or as JSON (one object per line, or a list). Row i of the .npy is box i of the file; "
+        "a .csv beside it repeats the rows.",
+    )
+    add_endpoint_arguments(frames)
+    frames.add_argument("frames", type=Path, help="folder of JPEG/PNG frames")
+    frames.add_argument("--boxes", type=Path, required=True, help="the boxes file (.csv, or .json / .jsonl)")
+    frames.add_argument("-o", "--output", type=Path, required=True, help="the [boxes, 512] embeddings (.npy is added if missing)")
+    frames.add_argument("--frames-model", default=FRAMES_MODEL, help="frame-and-boxes model (default: %(default)s)")
+    frames.add_argument("--concurrency", type=int, default=8, help="frames in flight (default: %(default)s)")
+    frames.set_defaults(run=run_embed_frames)
 
     compare = commands.add_parser("compare", help="cosine similarity of two images")
     add_endpoint_arguments(compare)
@@ -154,6 +173,29 @@ def run_embed(client, args: argparse.Namespace) -> int:
     listing = output.with_suffix(".txt")
     listing.write_text("".join(f"{path}\n" for path in paths))
     print(f"embedded {len(paths)} images -> {output} {embeddings.shape}, files listed in {listing}")
+    return 0
+
+
+def run_embed_frames(client, args: argparse.Namespace) -> int:
+    import csv
+
+    import numpy as np
+
+    from client.frames import BOX_COLUMNS, embed_frame_folder, read_boxes_file
+
+    output = writable_output(args.output, ".npy")
+    if not args.frames.is_dir():
+        raise ValueError(f"{args.frames} is not a folder of frames")
+    rows = read_boxes_file(args.boxes)
+    embeddings = embed_frame_folder(client, args.frames, rows, concurrency=args.concurrency, model=args.frames_model)
+    np.save(output, embeddings)
+    listing = output.with_suffix(".csv")
+    with listing.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(BOX_COLUMNS)
+        writer.writerows([row.frame, row.camera, *(f"{corner:g}" for corner in row.box)] for row in rows)
+    print(f"embedded {len(rows)} boxes of {len({row.frame for row in rows})} frames from "
+          f"{len({row.camera for row in rows})} cameras -> {output} {embeddings.shape}, rows listed in {listing}")
     return 0
 
 

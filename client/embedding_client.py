@@ -1,15 +1,19 @@
 """Embedding person crops through Triton over gRPC.
 
-`EmbeddingClient` sends encoded images to the `osnet` ensemble (or preprocessed tensors to a tensor
-model) and returns L2-normalised embeddings. Transport failures become the few exceptions below,
-with messages that say what to do; nothing else from gRPC leaks out.
+`EmbeddingClient` sends encoded images to the `osnet` ensemble, or pixels it already holds (crops a
+detector cut from a frame) straight to the tensor model the ensemble runs, and returns L2-normalised
+embeddings. Pixels travel as the tensor model's input, uint8 [N,256,128,3] RGB: `embed_crops` resizes
+crops of any size exactly as the server's preprocessor resizes a decoded file, so no JPEG round trip
+is needed and the embedding is the one the image would get. Transport failures become the few
+exceptions below, with messages that say what to do; nothing else from gRPC leaks out.
 
-A client on the server's host can pass tensors through Triton system shared memory
-(`shared_memory=True`): a batch-32 tensor request is 12.6 MB, and over gRPC its copies and
-serialisation cost the client and the server ~25-30 ms of CPU; through shared memory it is one copy.
+A client on the server's host can pass pixels through Triton system shared memory
+(`shared_memory=True`): a batch of 32 is 3.1 MB, which gRPC and protobuf copy several times on
+both sides; through shared memory it is one copy.
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import threading
@@ -21,17 +25,31 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as system_shm
 from tritonclient.utils import InferenceServerException
 
 from osnet_base.api_key import API_KEY_ENV, RESTRICTED_MESSAGE, api_key_file, grpc_headers, load_api_key
-from osnet_base.contract import DEFAULT_URL, EMBEDDING_NAME, ENSEMBLE_MODEL, IMAGE_NAME, INPUT_NAME
+from osnet_base.contract import (
+    BOXES_NAME,
+    DEFAULT_URL,
+    EMBEDDING_NAME,
+    ENSEMBLE_MODEL,
+    FEATURE_DIM,
+    FRAME_NAME,
+    FRAMES_MODEL,
+    IMAGE_FILE_SUFFIXES,
+    IMAGE_NAME,
+    INPUT_DATATYPE,
+    INPUT_NAME,
+    INPUT_SHAPE,
+)
 from osnet_base.errors import OsnetTritonError
+from osnet_base.image_decoding import ImageRejected, pixels_of_array
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 # tritonclient's own message limits, and one connection per client that retries every 2 s at most while
 # its server is down: gRPC's back-off otherwise grows to 2 minutes after a restart, and channels to one
 # address share a connection, so a new client would inherit an old one's back-off.
@@ -205,7 +223,7 @@ class EmbeddingClient:
     """A gRPC client for one server, or for several given as "host:port,host:port" or a list (then a
     `PooledEmbeddingClient`: least-loaded healthy routing, one retry elsewhere); safe to share between threads.
 
-    `shared_memory=True` sends `embed_tensors` batches through Triton system shared memory; the
+    `shared_memory=True` sends pixel batches (`embed_tensors`, `embed_crops`) through Triton system shared memory; the
     server must run on this host. Images and all responses still travel over gRPC.
     Shared memory and the model index need the server's API key: `api_key`, else this user's
     (see osnet_base.api_key).
@@ -229,6 +247,7 @@ class EmbeddingClient:
         self._client = grpcclient.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
         self._headers = grpc_headers(api_key or load_api_key())
         self._shared_inputs = _SharedMemoryInputs(self._client, url, self._headers) if shared_memory else None
+        self._tensor_model: str | None = None
 
     def close(self) -> None:
         if self._shared_inputs is not None:
@@ -242,7 +261,7 @@ class EmbeddingClient:
         self.close()
 
     def embed_images(self, images: Sequence[bytes], output: str = EMBEDDING_NAME) -> np.ndarray:
-        """Embed encoded JPEG/PNG images in one request: [N, 512] FP32."""
+        """Embed encoded JPEG/PNG images in one request through the ensemble: [N, 512] FP32."""
         if len(images) == 0:
             raise InvalidInputError("empty batch: pass at least one image")
         encoded = np.array([[image] for image in images], dtype=np.object_)
@@ -250,30 +269,103 @@ class EmbeddingClient:
         request.set_data_from_numpy(encoded)
         return self._infer(self.model, request, output)
 
-    def embed_tensors(self, tensors: np.ndarray, model: str, output: str = EMBEDDING_NAME) -> np.ndarray:
-        """Embed preprocessed images [N, 3, 256, 128] FP32 with a tensor model such as `osnet_x1_0_fp32`."""
-        if tensors.ndim != 4 or len(tensors) == 0:
-            raise InvalidInputError(f"expected a non-empty batch [N, 3, 256, 128], got shape {tensors.shape}")
-        tensors = np.ascontiguousarray(tensors, dtype=np.float32)
-        request = grpcclient.InferInput(INPUT_NAME, list(tensors.shape), "FP32")
+    def embed_tensors(self, pixels: np.ndarray, model: str, output: str = EMBEDDING_NAME) -> np.ndarray:
+        """Embed the tensor model's input, uint8 pixels [N, 256, 128, 3] RGB, with a tensor model such as
+        `osnet_x1_0_int8` (`served_tensor_model()` names the one the ensemble runs)."""
+        pixels = np.asarray(pixels)
+        if pixels.dtype != np.uint8 or pixels.shape[1:] != INPUT_SHAPE or len(pixels) == 0:
+            raise InvalidInputError(
+                f"expected a non-empty batch of uint8 pixels [N, {', '.join(map(str, INPUT_SHAPE))}], got {pixels.dtype} "
+                f"{list(pixels.shape)}: the tensor models normalise themselves; embed_crops resizes crops of any size")
+        pixels = np.ascontiguousarray(pixels)
+        request = grpcclient.InferInput(INPUT_NAME, list(pixels.shape), INPUT_DATATYPE)
         if self._shared_inputs is None:
-            request.set_data_from_numpy(tensors)
+            request.set_data_from_numpy(pixels)
             return self._infer(model, request, output)
-        return self._infer_shared(tensors, request, model, output)
+        return self._infer_shared(pixels, request, model, output)
 
-    def _infer_shared(self, tensors: np.ndarray, request: grpcclient.InferInput, model: str, output: str,
-                      retry: bool = True) -> np.ndarray:
-        region = self._shared_inputs.acquire(tensors.nbytes)
+    def embed_crops(self, crops: Sequence[np.ndarray], model: str | None = None, output: str = EMBEDDING_NAME) -> np.ndarray:
+        """Embed decoded crops (uint8 [H,W,3] RGB, [H,W,4] RGBA or [H,W] gray, any size) in one request to
+        the tensor model (default: the one the ensemble runs), resized as the preprocessor resizes a
+        decoded image: the same embedding as the ensemble gives the crop saved losslessly, a quarter of
+        the bytes of FP32, and no encoding."""
+        if len(crops) == 0:
+            raise InvalidInputError("empty batch: pass at least one crop")
         try:
-            system_shm.set_shared_memory_region(region.handle, [tensors])
-            request.set_shared_memory(region.name, tensors.nbytes)
+            pixels = np.stack([pixels_of_array(crop, index) for index, crop in enumerate(crops)])
+        except ImageRejected as exc:
+            raise InvalidInputError(str(exc)) from None
+        return self.embed_tensors(pixels, model or self.served_tensor_model(), output)
+
+    def embed_frames(self, frames: Sequence[tuple[bytes | np.ndarray, object]], output: str = EMBEDDING_NAME,
+                     model: str = FRAMES_MODEL, concurrency: int = 8, names: Sequence[str] | None = None) -> list[np.ndarray]:
+        """Embed every box of every frame: `frames` is (frame, boxes) pairs, perhaps from several cameras,
+        a frame being encoded JPEG/PNG bytes or decoded pixels (uint8 [H,W,3] RGB, sent as a lossless PNG),
+        boxes x1, y1, x2, y2 in its pixels [K,4]. One request per frame to `osnet_frames`, `concurrency` of
+        them in flight, so the server batches the crops of all of them. Returns [K, 512] per frame, in order.
+        `names` (e.g. file names) say which frame an error is about; by default its index."""
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        names = [f"frame {index}" for index in range(len(frames))] if names is None else list(names)
+        requests = [self._frame_request(name, frame, boxes) for name, (frame, boxes) in zip(names, frames, strict=True)]
+
+        def embed(index: int) -> np.ndarray:
+            try:
+                result = self._client.infer(model, list(requests[index]), outputs=[grpcclient.InferRequestedOutput(output)],
+                                            client_timeout=self.timeout_s)
+                return result.as_numpy(output)
+            except InferenceServerException as exc:
+                error = _translate(exc, self.url, model, self.timeout_s)
+                raise type(error)(f"{names[index]}: {error}") from None
+
+        if len(requests) <= 1 or concurrency == 1:
+            return [embed(index) for index in range(len(requests))]
+        with ThreadPoolExecutor(max_workers=min(concurrency, len(requests))) as pool:
+            return list(pool.map(embed, range(len(requests))))
+
+    @staticmethod
+    def _frame_request(name: str, frame: bytes | np.ndarray, boxes: object) -> tuple[grpcclient.InferInput, grpcclient.InferInput]:
+        if isinstance(frame, np.ndarray):
+            frame = encode_png(frame, name)
+        if not isinstance(frame, bytes):
+            raise InvalidInputError(f"{name} is a {type(frame).__name__}: expected encoded JPEG/PNG bytes or uint8 pixels")
+        boxes = np.asarray(boxes, dtype=np.float32)
+        if boxes.size == 0:
+            boxes = boxes.reshape(0, 4)
+        if boxes.ndim != 2 or boxes.shape[1] != 4:
+            raise InvalidInputError(f"{name}: boxes have shape {list(boxes.shape)}: expected [K, 4] (x1, y1, x2, y2)")
+        encoded = grpcclient.InferInput(FRAME_NAME, [1], "BYTES")
+        encoded.set_data_from_numpy(np.array([frame], dtype=np.object_))
+        corners = grpcclient.InferInput(BOXES_NAME, list(boxes.shape), "FP32")
+        corners.set_data_from_numpy(np.ascontiguousarray(boxes))
+        return encoded, corners
+
+    def served_tensor_model(self) -> str:
+        """The tensor model the ensemble (this client's `model`) runs, asked of the server once."""
+        if self._tensor_model is None:
+            try:
+                config = self._client.get_model_config(self.model, as_json=True)["config"]
+            except InferenceServerException as exc:
+                raise _translate(exc, self.url, self.model) from None
+            steps = config.get("ensemble_scheduling", {}).get("step", [])
+            if not steps:
+                raise ModelNotFoundError(f"{self.model} at {self.url} is not an ensemble: name the tensor model")
+            self._tensor_model = steps[-1]["model_name"]
+        return self._tensor_model
+
+    def _infer_shared(self, pixels: np.ndarray, request: grpcclient.InferInput, model: str, output: str,
+                      retry: bool = True) -> np.ndarray:
+        region = self._shared_inputs.acquire(pixels.nbytes)
+        try:
+            system_shm.set_shared_memory_region(region.handle, [pixels])
+            request.set_shared_memory(region.name, pixels.nbytes)
             return self._client_infer(model, request, output)
         except InferenceServerException as exc:
             if retry and UNKNOWN_REGION_MESSAGE in (exc.message() or ""):
                 # The server restarted, or the region was unregistered: register afresh, once.
                 self._shared_inputs.discard(region)
                 region = None
-                return self._infer_shared(tensors, request, model, output, retry=False)
+                return self._infer_shared(pixels, request, model, output, retry=False)
             raise _translate(exc, self.url, model, self.timeout_s) from None
         finally:
             if region is not None:
@@ -309,7 +401,7 @@ def list_images(paths: Sequence[str | Path]) -> list[Path]:
     found: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_FILE_SUFFIXES and p.is_file())
         elif path.is_file():
             found.append(path)
         else:
@@ -380,6 +472,18 @@ def embed_readable_files(
             f"{path}: {reason}" for path, reason in results[:3]))
     return EmbeddedFiles(paths=[path for path, _ in kept], embeddings=np.stack([row for _, row in kept]),
                          skipped=[(path, reason) for path, reason in results if isinstance(reason, str)])
+
+
+def encode_png(pixels: np.ndarray, name: str = "image") -> bytes:
+    """Decoded pixels (uint8 [H,W,3] RGB, [H,W,4] RGBA or [H,W] gray) as a PNG: lossless at any zlib level,
+    so at the fastest: a client encodes every frame it sends."""
+    pixels = np.asarray(pixels)
+    if pixels.dtype != np.uint8 or not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] in (3, 4))) or 0 in pixels.shape:
+        raise InvalidInputError(f"{name} is {pixels.dtype} of shape {list(pixels.shape)}: expected uint8 [H,W,3] RGB, "
+                                "[H,W,4] RGBA or [H,W] gray")
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
 
 
 def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:

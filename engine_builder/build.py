@@ -45,10 +45,12 @@ from engine_builder.precision import (
     PrecisionFloor,
     quantize_int8,
 )
+from engine_builder.preprocessing import normalize_pixels
 from engine_builder.reference_weights import REFERENCE_VARIANT, default_weights
 from engine_builder.tensorrt_build import EngineBuildSettings
 from engine_builder.triton_repository import CpuRepositorySettings, GpuRepositorySettings, building_venv, check_repository_servable, write_cpu_models
 from osnet_base.contract import DEFAULT_MAX_BATCH_SIZE, DEFAULT_RUNTIME
+from osnet_base.image_decoding import DEFAULT_BUDGETS, DecodeBudgets
 
 logger = logging.getLogger(__name__)
 
@@ -115,11 +117,12 @@ def build_cpu_repository(
     return repository
 
 
-def pytorch_embeddings(model: torch.nn.Module, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """The reference every CPU runtime is held to: eval-mode PyTorch FP32, L2-normalised."""
+def pytorch_embeddings(model: torch.nn.Module, pixels: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """The reference every CPU runtime is held to: torchreid's normalisation of the served input pixels
+    (uint8 [N,256,128,3]), eval-mode PyTorch FP32, L2-normalised."""
     with torch.inference_mode():
-        return np.concatenate([torch.nn.functional.normalize(model(torch.from_numpy(images[i : i + batch_size])), dim=1).numpy()
-                               for i in range(0, len(images), batch_size)])
+        return np.concatenate([torch.nn.functional.normalize(model(normalize_pixels(pixels[i : i + batch_size])), dim=1).numpy()
+                               for i in range(0, len(pixels), batch_size)])
 
 
 def make_cpu_graphs(model: torch.nn.Module, graphs: set[str], work_dir: Path, selection: RuntimeSelection) -> dict[str, Path]:
@@ -278,6 +281,12 @@ class BuildSettings:
     floors: dict[str, PrecisionFloor] = field(default_factory=dict)
     work_dir: Path | None = None  # None: build/<variant>
     jit_plugins: bool = False
+    # The preprocessor's budgets and decode threads (CpuRepositorySettings says what they mean).
+    max_image_bytes: int = DEFAULT_BUDGETS.max_image_bytes
+    max_image_pixels: int = DEFAULT_BUDGETS.max_image_pixels
+    max_request_pixels: int = DEFAULT_BUDGETS.max_request_pixels
+    preprocess_instances: int | None = None
+    decode_threads: int | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -286,9 +295,15 @@ class BuildSettings:
         if not self.precisions or set(self.precisions) - set(PRECISIONS):
             problems.append(f"precisions must be some of {PRECISIONS}, got {list(self.precisions)}")
         for name, value in (("max batch size", self.max_batch_size), ("instances", self.instances),
-                            ("intra-op threads", self.intra_op_threads)):
+                            ("intra-op threads", self.intra_op_threads), ("preprocess instances", self.preprocess_instances),
+                            ("decode threads", self.decode_threads)):
             if value is not None and value < 1:
                 problems.append(f"{name} must be >= 1, got {value}")
+        try:
+            DecodeBudgets(max_image_bytes=self.max_image_bytes, max_image_pixels=self.max_image_pixels,
+                          max_request_pixels=self.max_request_pixels)
+        except ValueError as exc:
+            problems.append(str(exc))
         if self.runtime not in RUNTIME_CHOICES:
             problems.append(f"unknown CPU runtime {self.runtime!r}: choose from {', '.join(RUNTIME_CHOICES)}")
         if self.calib_method is not None and self.calib_method not in CALIBRATION_METHODS:
@@ -326,7 +341,10 @@ class BuildSettings:
     def cpu_repository(self) -> CpuRepositorySettings:
         """`preprocess` and the CPU tensor model; a GPU build's `preprocess` is the same."""
         return CpuRepositorySettings(max_batch_size=self.max_batch_size, instances=self.instances,
-                                     intra_op_threads=self.intra_op_threads, execution_env=self.python_env)
+                                     intra_op_threads=self.intra_op_threads, execution_env=self.python_env,
+                                     max_image_bytes=self.max_image_bytes, max_image_pixels=self.max_image_pixels,
+                                     max_request_pixels=self.max_request_pixels, preprocess_instances=self.preprocess_instances,
+                                     decode_threads=self.decode_threads)
 
     def runtime_selection(self) -> RuntimeSelection:
         return RuntimeSelection(runtime=self.runtime, eval_dir=self.eval_dir, calib_dir=self.calib_dir,

@@ -68,11 +68,13 @@ def add_serving_arguments(parser: argparse.ArgumentParser) -> None:
     from engine_builder.build import PRECISIONS
     from engine_builder.cpu_runtimes import RUNTIME_CHOICES
     from engine_builder.triton_repository import building_venv
+    from osnet_base.image_decoding import DEFAULT_BUDGETS
 
     group = parser.add_argument_group("serving")
     group.add_argument("--repository", type=Path, default=Path("triton_repo"), help="output model repository (default: %(default)s)")
     group.add_argument("--precision", nargs="+", default=["fp32"], choices=PRECISIONS, help="models to build (default: fp32)")
-    group.add_argument("--instances", type=int, default=1, help="instances of every model (default: %(default)s)")
+    group.add_argument("--instances", type=int, default=1,
+                       help="instances of the tensor model, CPU or TensorRT (default: %(default)s; preprocess: --preprocess-instances)")
     group.add_argument("--intra-op-threads", type=int,
                        help="runtime threads per CPU instance (default: every core for one instance, the cores shared out between several)")
     group.add_argument("--python-env", type=Path, default=building_venv(),
@@ -81,6 +83,13 @@ def add_serving_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--runtime", default=DEFAULT_RUNTIME, choices=RUNTIME_CHOICES,
                        help="CPU runtime of the tensor model; auto: the fastest measured here within the floor (default: %(default)s)")
     group.add_argument("--jit-plugins", action="store_true", help="JIT (Python/CuPy) plugins instead of AOT PTX; served by the python backend")
+    budgets = parser.add_argument_group("preprocessor", "what one request may make `preprocess` decode (defaults measured, see "
+                                        "osnet_base/image_decoding.py), and how many threads decode")
+    budgets.add_argument("--max-image-bytes", type=int, default=DEFAULT_BUDGETS.max_image_bytes, help="encoded bytes per image (default: %(default)s)")
+    budgets.add_argument("--max-image-pixels", type=int, default=DEFAULT_BUDGETS.max_image_pixels, help="pixels per image (default: %(default)s)")
+    budgets.add_argument("--max-request-pixels", type=int, default=DEFAULT_BUDGETS.max_request_pixels, help="pixels per request (default: %(default)s)")
+    budgets.add_argument("--preprocess-instances", type=int, help="preprocess instances (default: one per 4 cores)")
+    budgets.add_argument("--decode-threads", type=int, help="decode threads per preprocess instance (default: the cores shared out)")
 
 
 def build_settings(args: argparse.Namespace, **fixed):
@@ -89,7 +98,8 @@ def build_settings(args: argparse.Namespace, **fixed):
 
     from_args = {name: getattr(args, name) for name in (
         "variant", "weights", "max_batch_size", "work_dir", "calib_dir", "eval_dir", "calib_method", "repository",
-        "instances", "intra_op_threads", "python_env", "runtime", "jit_plugins") if hasattr(args, name)}
+        "instances", "intra_op_threads", "python_env", "runtime", "jit_plugins", "max_image_bytes", "max_image_pixels",
+        "max_request_pixels", "preprocess_instances", "decode_threads") if hasattr(args, name)}
     if hasattr(args, "precision"):
         from_args["precisions"] = tuple(dict.fromkeys(args.precision))
     if hasattr(args, "floor"):

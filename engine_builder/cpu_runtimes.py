@@ -149,7 +149,7 @@ def available_runtimes(capabilities: frozenset[str], has_openvino: bool) -> list
     return [r for r in _RUNTIMES if unavailable_reason(r, capabilities, has_openvino) is None]
 
 
-Embedder = Callable[[np.ndarray], np.ndarray]  # INPUT batch -> EMBEDDING [N,512]
+Embedder = Callable[[np.ndarray], np.ndarray]  # INPUT uint8 pixels [N,256,128,3] -> EMBEDDING [N,512]
 
 
 def open_embedder(runtime: CpuRuntime, model_path: Path, parameters: Mapping[str, str], instances: int) -> tuple[Embedder, dict]:

@@ -2,7 +2,8 @@
 precision report that every build writes beside its models.
 
 TensorRT 11 takes precision from the graph, not from builder flags:
-- FP16: the FP32 graph with FP16 weights and compute, FP32 `INPUT`/outputs kept;
+- FP16: the FP32 graph with FP16 weights and compute (its pixel prologue too), the uint8 `INPUT`
+  and FP32 outputs kept;
 - INT8: symmetric INT8 Q/DQ, weights per output channel (axis 0), activations per tensor,
   calibrated on images. Only the dense convolutions and the head's Gemm are quantized: the depthwise
   LiteConvs and the gates become FP16 plugins (see `plugin_rewrite.fp16_plugins_in_fp32_graph`).
@@ -42,14 +43,14 @@ class PrecisionFloorError(OsnetTritonError):
 
 
 def make_fp16_onnx(fp32_model: onnx.ModelProto) -> onnx.ModelProto:
-    """FP16 weights and activations inside, FP32 at the graph's inputs and outputs."""
+    """FP16 weights and activations inside; the graph's uint8 input and FP32 outputs as they were."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     return convert_float_to_float16(fp32_model, keep_io_types=True, disable_shape_infer=False)
 
 
 class _ImageBatches:
-    """ONNX Runtime's CalibrationDataReader protocol over preprocessed images."""
+    """ONNX Runtime's CalibrationDataReader protocol over input pixels (uint8 [N,256,128,3])."""
 
     def __init__(self, images: np.ndarray, batch_size: int):
         self._batches: Iterator[np.ndarray] = (images[i : i + batch_size] for i in range(0, len(images), batch_size))

@@ -2,8 +2,10 @@
 
 torchreid builds `Resize((256, 128)) -> ToTensor() -> Normalize(ImageNet)` with torchvision on a
 PIL image; on PIL input, torchvision's Resize is PIL's bilinear resize. This is the same arithmetic
-in PyTorch without torchvision (which has no CPU wheel here). The served `preprocess` model is an
-independent NumPy implementation; tests hold the two together.
+in PyTorch without torchvision (which has no CPU wheel here). What is served is split in two and
+written independently: the `preprocess` model decodes and resizes to uint8 pixels
+(osnet_base/image_decoding.py), the graph normalises (engine_builder/export.PixelNormalization);
+tests hold them to this.
 """
 from __future__ import annotations
 
@@ -27,6 +29,11 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return (images.float().div(255) - mean) / std
+
+
+def normalize_pixels(pixels: np.ndarray) -> torch.Tensor:
+    """Served input pixels, uint8 [N, H, W, 3] -> the FeatureExtractor's FP32 [N, 3, H, W]."""
+    return normalize_images(torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2))
 
 
 def preprocess_image(image: Image.Image) -> torch.Tensor:

@@ -313,3 +313,24 @@ def encode_jpeg(image: Image.Image, quality: int = 92) -> bytes:
 def person_jpegs(count: int, cameras: int = 2, seed: int = 0) -> list[bytes]:
     """`count` distinct JPEG crops: identities cycle, each seen by every camera in turn."""
     return [encode_jpeg(render_person(i // cameras, camera=i % cameras, seed=seed)) for i in range(count)]
+
+
+def compose_frame(people: list[Image.Image], width: int, height: int, camera: int = 0,
+                  seed: int = 0) -> tuple[Image.Image, np.ndarray]:
+    """A `width` x `height` camera frame with the `people` crops pasted into it, apart, at places drawn
+    from the seed; returns the frame and their boxes (x1, y1, x2, y2, frame pixels) FP32 [K,4]."""
+    rng = np.random.default_rng([seed, camera, 6])
+    scene = make_camera(camera, seed)
+    frame = Image.new("RGB", (width, height), scene.wall)
+    draw = ImageDraw.Draw(frame)
+    draw.rectangle([0, int(height * scene.horizon), width, height], fill=scene.floor)
+    columns, rows = width // (CROP_WIDTH + 8), height // (CROP_HEIGHT + 8)
+    if len(people) > columns * rows:
+        raise ValueError(f"{len(people)} people do not fit apart in a {width}x{height} frame (at most {columns * rows})")
+    boxes = []
+    for person, slot in zip(people, rng.permutation(columns * rows)):
+        x = int(slot % columns * (width // columns) + rng.integers(0, width // columns - person.width + 1))
+        y = int(slot // columns * (height // rows) + rng.integers(0, height // rows - person.height + 1))
+        frame.paste(person, (x, y))
+        boxes.append((x, y, x + person.width, y + person.height))
+    return frame, np.array(boxes, dtype=np.float32).reshape(-1, 4)

@@ -4,10 +4,13 @@ Configs are built as `ModelConfig` protobuf messages (Triton's own schema, shipp
 and rendered with protobuf's text format, so a config we write always parses in the server.
 
 The CPU repository holds three models:
-- `preprocess`: python backend, encoded image bytes -> INPUT tensor (torchreid's FeatureExtractor);
+- `preprocess`: python backend, encoded image bytes -> INPUT uint8 pixels (decoded on a thread pool,
+  within the budgets of `CpuRepositorySettings`; see osnet_base/image_decoding.py);
 - `<variant>_<precision>` (fp32, bf16 or int8): python backend running model.onnx with the CPU
   runtime the build chose (ONNX Runtime or OpenVINO, see `cpu_runtimes`);
-- `osnet`: ensemble IMAGE -> preprocess -> <variant>_<precision> -> EMBEDDING, FEATURES.
+- `osnet`: ensemble IMAGE -> preprocess -> <variant>_<precision> -> EMBEDDING, FEATURES;
+- `osnet_frames`: python backend, one camera FRAME and its BOXES -> one embedding per box, the crops
+  sent through BLS to the tensor model the ensemble runs (see triton_repo/frame_embedder.py).
 TensorRT builds add `<variant>_trt_fp16|int8` and point the ensemble at the fastest of them.
 The python-backend sources are committed at the top of `triton_repo/` and copied into each model.
 """
@@ -26,29 +29,34 @@ from tritonclient.grpc import model_config_pb2 as pb
 
 from engine_builder import cpu_sessions
 from engine_builder.cpu_runtimes import PRECISION_ORDER, CpuRuntime
-from osnet_base import contract
+from osnet_base import contract, frame_boxes, image_decoding
 from osnet_base.errors import OsnetTritonError
 from osnet_base.contract import (
+    BOXES_NAME,
     DEFAULT_MAX_BATCH_SIZE,
     EMBEDDING_NAME,
     ENSEMBLE_MODEL,
     FEATURE_DIM,
     FEATURES_NAME,
+    FRAME_NAME,
+    FRAMES_MODEL,
     IMAGE_NAME,
-    INPUT_HEIGHT,
     INPUT_NAME,
-    INPUT_WIDTH,
+    INPUT_SHAPE,
     PREPROCESS_MODEL,
 )
+from osnet_base.image_decoding import DEFAULT_BUDGETS, DecodeBudgets
 
 logger = logging.getLogger(__name__)
 
 PYTHON_MODEL_SOURCES = Path(__file__).resolve().parent.parent / "triton_repo"
 # Modules every python-backend model finds beside its model.py (the stub puts that folder on sys.path).
-PYTHON_HELPER_MODULES = (PYTHON_MODEL_SOURCES / "batched_responses.py", Path(contract.__file__), Path(cpu_sessions.__file__))
+PYTHON_HELPER_MODULES = (PYTHON_MODEL_SOURCES / "batched_responses.py", Path(contract.__file__), Path(cpu_sessions.__file__),
+                         Path(image_decoding.__file__), Path(frame_boxes.__file__))
 CPU_TENSOR_MODEL_SOURCE = "cpu_embedder.py"  # every CPU runtime: the config parameter ENGINE picks one
-# A 4K frame is 8.3 MP; anything far larger sent as a person crop is a mistake or an attack.
-DEFAULT_MAX_IMAGE_PIXELS = 16_000_000
+# Pillow holds the GIL while it parses headers and copies pixels out (~25% of a person crop's ~260 us
+# here), and releases it while it decodes and resizes: one process gains little past ~4 threads.
+MAX_DECODE_THREADS = 4
 
 
 def building_venv() -> Path | None:
@@ -71,7 +79,16 @@ class CpuRepositorySettings:
     max_queue_delay_us: int = 100
     # Batch sizes the tensor model's dynamic batcher aims for; empty: as large as the queue allows.
     preferred_batch_sizes: tuple[int, ...] = ()
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    # The preprocessor's budgets (see osnet_base/image_decoding.DEFAULT_BUDGETS for the measurements).
+    max_image_bytes: int = DEFAULT_BUDGETS.max_image_bytes
+    max_image_pixels: int = DEFAULT_BUDGETS.max_image_pixels
+    max_request_pixels: int = DEFAULT_BUDGETS.max_request_pixels
+    # Preprocess instances, and decode threads in each. None: see `preprocess_layout`.
+    preprocess_instances: int | None = None
+    decode_threads: int | None = None
+    # `osnet_frames` instances: each decodes one frame at a time and waits for its crops' embeddings.
+    # None: see `frames_instances`.
+    frame_instances: int | None = None
     # The environment the python-backend stub runs in on the serving machine (EXECUTION_ENV_PATH):
     # by default the venv doing the build; None outside a venv: the server's own Python.
     execution_env: Path | None = field(default_factory=building_venv)
@@ -87,6 +104,26 @@ class CpuRepositorySettings:
             raise ValueError(f"streams must be >= 1, got {self.streams}")
         if any(size < 1 or size > self.max_batch_size for size in self.preferred_batch_sizes):
             raise ValueError(f"preferred_batch_sizes must lie in 1..{self.max_batch_size}, got {self.preferred_batch_sizes}")
+        for name in ("preprocess_instances", "decode_threads", "frame_instances"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.decode_budgets()  # refuses budgets that make no sense
+
+    def decode_budgets(self) -> DecodeBudgets:
+        return DecodeBudgets(max_image_bytes=self.max_image_bytes, max_image_pixels=self.max_image_pixels,
+                             max_request_pixels=self.max_request_pixels)
+
+    def preprocess_layout(self) -> tuple[int, int]:
+        """(instances, decode threads per instance) of `preprocess`: as given; else a thread per core in
+        instances of at most MAX_DECODE_THREADS threads (2 cores: one instance of 2 threads)."""
+        cores = len(os.sched_getaffinity(0))
+        instances = self.preprocess_instances or -(-cores // MAX_DECODE_THREADS)
+        return instances, self.decode_threads or max(1, -(-cores // instances))
+
+    def frames_instances(self) -> int:
+        """Instances of `osnet_frames`: as given; else one per core, and at least 2, so that one instance
+        decodes a frame while another's crops are embedded."""
+        return self.frame_instances or max(2, len(os.sched_getaffinity(0)))
 
     def threads_per_instance(self) -> int | None:
         """The threads each tensor-model instance runs: as given; else, for one instance, the runtime's
@@ -121,10 +158,10 @@ def _set_execution_env(config: pb.ModelConfig, execution_env: Path | None) -> No
         config.parameters["EXECUTION_ENV_PATH"].string_value = str(execution_env)
 
 
-def _python_model_config(name: str, settings: CpuRepositorySettings) -> pb.ModelConfig:
+def _python_model_config(name: str, settings: CpuRepositorySettings, instances: int) -> pb.ModelConfig:
     config = pb.ModelConfig(name=name, backend="python", max_batch_size=settings.max_batch_size)
     config.dynamic_batching.max_queue_delay_microseconds = settings.max_queue_delay_us
-    config.instance_group.add(kind=pb.ModelInstanceGroup.KIND_CPU, count=settings.instances)
+    config.instance_group.add(kind=pb.ModelInstanceGroup.KIND_CPU, count=instances)
     _set_execution_env(config, settings.execution_env)
     return config
 
@@ -136,25 +173,45 @@ def _add_embedding_outputs(config: pb.ModelConfig) -> None:
 
 def _add_tensor_model_io(config: pb.ModelConfig) -> None:
     """INPUT -> EMBEDDING, FEATURES: the same for every tensor model, so clients and the ensemble do not care which serves."""
-    config.input.add(name=INPUT_NAME, data_type=pb.TYPE_FP32, dims=[3, INPUT_HEIGHT, INPUT_WIDTH])
+    config.input.add(name=INPUT_NAME, data_type=pb.TYPE_UINT8, dims=list(INPUT_SHAPE))
     _add_embedding_outputs(config)
 
 
 def preprocess_config(settings: CpuRepositorySettings) -> pb.ModelConfig:
-    config = _python_model_config(PREPROCESS_MODEL, settings)
+    instances, threads = settings.preprocess_layout()
+    config = _python_model_config(PREPROCESS_MODEL, settings, instances)
     config.input.add(name=IMAGE_NAME, data_type=pb.TYPE_STRING, dims=[1])
-    config.output.add(name=INPUT_NAME, data_type=pb.TYPE_FP32, dims=[3, INPUT_HEIGHT, INPUT_WIDTH])
-    config.parameters["MAX_IMAGE_PIXELS"].string_value = str(settings.max_image_pixels)
+    config.output.add(name=INPUT_NAME, data_type=pb.TYPE_UINT8, dims=list(INPUT_SHAPE))
+    parameters = {**settings.decode_budgets().as_parameters(), "DECODE_THREADS": threads}
+    for key, value in parameters.items():
+        config.parameters[key].string_value = str(value)
     return config
 
 
 def cpu_tensor_model_config(name: str, settings: CpuRepositorySettings, parameters: Mapping[str, str]) -> pb.ModelConfig:
     """INPUT -> EMBEDDING, FEATURES on the CPU; `parameters` configure the runtime (see `CpuRuntime.config_parameters`)."""
-    config = _python_model_config(name, settings)
+    config = _python_model_config(name, settings, settings.instances)
     _add_tensor_model_io(config)
     config.dynamic_batching.preferred_batch_size.extend(settings.preferred_batch_sizes)
     for key, value in parameters.items():
         config.parameters[key].string_value = value
+    return config
+
+
+def frames_config(tensor_model: str, settings: CpuRepositorySettings) -> pb.ModelConfig:
+    """FRAME [1] and BOXES [K,4] -> EMBEDDING, FEATURES [K,512]; a request is one frame, so the model does
+    not batch requests itself: the crops of its instances' frames meet in `tensor_model`'s batcher. A
+    frame takes at most a full batch of that model's boxes."""
+    config = pb.ModelConfig(name=FRAMES_MODEL, backend="python", max_batch_size=0)
+    config.instance_group.add(kind=pb.ModelInstanceGroup.KIND_CPU, count=settings.frames_instances())
+    _set_execution_env(config, settings.execution_env)
+    config.input.add(name=FRAME_NAME, data_type=pb.TYPE_STRING, dims=[1])
+    config.input.add(name=BOXES_NAME, data_type=pb.TYPE_FP32, dims=[-1, 4])
+    for name in (EMBEDDING_NAME, FEATURES_NAME):
+        config.output.add(name=name, data_type=pb.TYPE_FP32, dims=[-1, FEATURE_DIM])
+    parameters = {**settings.decode_budgets().as_parameters(), "MAX_BOXES": settings.max_batch_size, "TENSOR_MODEL": tensor_model}
+    for key, value in parameters.items():
+        config.parameters[key].string_value = str(value)
     return config
 
 
@@ -188,9 +245,11 @@ def write_model(repository: Path, config: pb.ModelConfig, python_source: str | N
 
 
 def write_ensemble(repository: Path, tensor_model: str, settings: CpuRepositorySettings) -> None:
-    """Write `preprocess` and the `osnet` ensemble over `tensor_model` (a CPU model or a TensorRT engine)."""
+    """Write `preprocess` and the `osnet` ensemble over `tensor_model` (a CPU model or a TensorRT engine),
+    and `osnet_frames` over the same model."""
     write_model(repository, preprocess_config(settings), "image_preprocessor.py")
     write_model(repository, ensemble_config(tensor_model, settings.max_batch_size))
+    write_model(repository, frames_config(tensor_model, settings), "frame_embedder.py")
 
 
 def write_cpu_models(repository: Path, variant: str, settings: CpuRepositorySettings, runtime: CpuRuntime) -> str:

@@ -37,7 +37,7 @@ def _user_counts(text: str) -> list[int]:
 # What each LoadTestSettings field means to someone at a terminal; the flags, types and defaults are the dataclass's.
 FLAG_HELP = {
     "url": "Triton gRPC host:port; several comma-separated share the load (least-loaded healthy server, one retry elsewhere)",
-    "scenario": "ensemble: JPEG bytes to the `osnet` ensemble; tensor: preprocessed tensors to the tensor model",
+    "scenario": "ensemble: JPEG bytes to the `osnet` ensemble; tensor: uint8 pixels to the tensor model",
     "model": "model to call (None: osnet for ensemble; the one served tensor model for tensor)",
     "batch_size": "images per request",
     "spawn_rate": "users started per second (None: all within the first second)",

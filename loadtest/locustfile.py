@@ -62,7 +62,7 @@ RUN_RECORD_SUFFIX = "_run.json"
 def add_osnet_arguments(parser) -> None:
     # Custom arguments, unlike environment variables, reach distributed workers: the master sends them.
     group = parser.add_argument_group("osnet-triton workload")
-    group.add_argument("--osnet-scenario", choices=SCENARIOS, default="ensemble", help="ensemble: JPEG bytes to the `osnet` ensemble; tensor: preprocessed tensors to the tensor model")
+    group.add_argument("--osnet-scenario", choices=SCENARIOS, default="ensemble", help="ensemble: JPEG bytes to the `osnet` ensemble; tensor: uint8 pixels to the tensor model")
     group.add_argument("--osnet-model", default=None, help="model to call (default: `osnet` for ensemble; required for tensor, e.g. osnet_x1_0_fp32)")
     group.add_argument("--osnet-batch-size", type=int, default=1, help="images per request")
     group.add_argument("--osnet-image-pool", type=int, default=64, help="distinct images cycled through")

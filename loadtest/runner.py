@@ -263,17 +263,17 @@ def write_reference_answers(settings: LoadTestSettings, model: str, path: Path) 
 
 
 def _find_tensor_model(client, url: str, headers: dict[str, str] | None) -> str:
-    """The one ready model taking a single preprocessed INPUT [N,3,256,128] FP32 tensor."""
-    from osnet_base.contract import INPUT_CHANNELS, INPUT_HEIGHT, INPUT_NAME, INPUT_WIDTH
+    """The one ready model taking a single INPUT of uint8 pixels [N,256,128,3]."""
+    from osnet_base.contract import INPUT_DATATYPE, INPUT_NAME, INPUT_SHAPE
 
     found = []
     for entry in client.get_model_repository_index(headers=headers, as_json=True).get("models", []):
         if entry.get("state") != "READY":
             continue
         inputs = client.get_model_metadata(entry["name"], as_json=True).get("inputs", [])
-        if len(inputs) == 1 and inputs[0]["name"] == INPUT_NAME and inputs[0]["datatype"] == "FP32" and [
+        if len(inputs) == 1 and inputs[0]["name"] == INPUT_NAME and inputs[0]["datatype"] == INPUT_DATATYPE and tuple(
             int(d) for d in inputs[0]["shape"][1:]
-        ] == [INPUT_CHANNELS, INPUT_HEIGHT, INPUT_WIDTH]:
+        ) == INPUT_SHAPE:
             found.append(entry["name"])
     if len(found) != 1:
         what = f"several ({', '.join(found)})" if found else "none"

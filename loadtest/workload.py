@@ -3,8 +3,8 @@
 Two scenarios:
 - `ensemble`: encoded JPEG person crops to the `osnet` ensemble (IMAGE BYTES [N,1]), so the
   server decodes and preprocesses, as a camera pipeline would ask it to;
-- `tensor`: preprocessed [N,3,256,128] FP32 tensors straight to the tensor model, for clients
-  that preprocess themselves.
+- `tensor`: the tensor model's input, uint8 pixels [N,256,128,3], straight to the tensor model, for
+  clients that decode themselves (the pixels the served preprocessor makes of the same crops).
 Requests cycle through a pool of distinct crops, so no cache (Triton's response cache, a CPU
 cache warmed by one image) can flatter the numbers.
 
@@ -12,7 +12,6 @@ This module deliberately imports neither torch nor tritonclient: every locust pr
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,17 +21,13 @@ from osnet_base.contract import (
     ENSEMBLE_MODEL,
     FEATURE_DIM,
     IMAGE_NAME,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    INPUT_HEIGHT,
+    INPUT_DATATYPE,
     INPUT_NAME,
-    INPUT_WIDTH,
 )
 from osnet_base.errors import OsnetTritonError
+from osnet_base.image_decoding import decode
 
 SCENARIOS = ("ensemble", "tensor")
-IMAGENET_MEAN_CHW = np.array(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
-IMAGENET_STD_CHW = np.array(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
 # The server normalises in FP32; 1e-3 leaves room for its rounding and catches any real mistake.
 NORM_TOLERANCE = 1e-3
 
@@ -73,15 +68,6 @@ def default_model(scenario: str) -> str | None:
     return ENSEMBLE_MODEL if scenario == "ensemble" else None
 
 
-def preprocess_jpeg(encoded: bytes) -> np.ndarray:
-    """torchreid's FeatureExtractor in NumPy: RGB, bilinear resize to 256x128, /255, ImageNet mean/std, CHW."""
-    from PIL import Image
-
-    image = Image.open(io.BytesIO(encoded)).convert("RGB").resize((INPUT_WIDTH, INPUT_HEIGHT), Image.BILINEAR)
-    chw = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
-    return (chw - IMAGENET_MEAN_CHW) / IMAGENET_STD_CHW
-
-
 def build_workload(*, scenario: str, model: str, batch_size: int, image_pool: int, seed: int = 0) -> Workload:
     """Split `image_pool` distinct synthetic person crops into requests of `batch_size` items."""
     from engine_builder.synthetic_people import person_jpegs
@@ -99,8 +85,8 @@ def build_workload(*, scenario: str, model: str, batch_size: int, image_pool: in
         items = np.array([[jpeg] for jpeg in jpegs], dtype=np.object_)
         input_name, datatype = IMAGE_NAME, "BYTES"
     else:
-        items = np.stack([preprocess_jpeg(jpeg) for jpeg in jpegs])
-        input_name, datatype = INPUT_NAME, "FP32"
+        items = np.stack([decode(jpeg) for jpeg in jpegs])
+        input_name, datatype = INPUT_NAME, INPUT_DATATYPE
     batches = tuple(items[start : start + batch_size] for start in range(0, count, batch_size))
     return Workload(
         scenario=scenario, model=model, input_name=input_name, datatype=datatype, batch_size=batch_size, batches=batches

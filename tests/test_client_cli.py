@@ -46,7 +46,7 @@ def test_errors_are_one_clear_line(triton_server, crops, tmp_path, capsys):
     assert "no Triton server reachable" in capsys.readouterr().err
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really")
     assert main(["embed", str(tmp_path / "broken.jpg"), "-o", str(tmp_path / "x.npy"), "--url", triton_server.grpc_url]) == 1
-    assert "not in any image format" in capsys.readouterr().err
+    assert "is not a JPEG or PNG file" in capsys.readouterr().err
 
 
 def test_embed_output_is_checked_before_the_work_and_named_as_written(triton_server, crops, tmp_path, capsys):

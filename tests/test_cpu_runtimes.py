@@ -287,7 +287,7 @@ def test_auto_without_bf16_serves_its_choice_through_the_ensemble(tmp_path, x0_2
     assert served == tensor_model_name(VARIANT, RUNTIMES[record["runtime"]].precision)
     assert speeds[record["runtime"]] >= speeds[BASELINE_RUNTIME]
     assert (repository / served / "runtime_choice.md").read_text().startswith(f"# CPU runtime: {record['runtime']}")
-    assert sorted(p.name for p in repository.iterdir()) == sorted(["osnet", "preprocess", served])
+    assert sorted(p.name for p in repository.iterdir()) == sorted(["osnet", "osnet_frames", "preprocess", served])
 
     jpegs = person_jpegs(4, cameras=2)
     with TritonServerProcess(TritonServerConfig(model_repository=repository)) as server, EmbeddingClient(server.grpc_url) as client:

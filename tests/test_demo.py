@@ -19,6 +19,9 @@ def test_demo_reidentifies_unseen_people_and_load_tests_the_server(tmp_path, cap
     printed = capsys.readouterr().out
     assert re.search(r"`osnet` runs osnet_x0_25_(fp32|bf16|int8): --runtime auto chose \S+: [\d.]+ img/s", printed), printed
     assert "8/8 crops re-identified across cameras" in printed, printed
+    assert re.search(r"2 camera frames \(480x288 JPEG, 4, 4 boxes\) -> osnet_frames, one request per frame: 8 embeddings", printed), printed
+    assert "8/8 boxes matched to the same person across cameras" in printed, printed
+    assert (tmp_path / "demo_output" / "boxes.csv").read_text().count("\n") == 9
     assert re.search(r"result\s+PASSED", printed), printed
     embeddings = np.load(tmp_path / "demo_output" / "embeddings.npy")
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)

@@ -10,6 +10,7 @@ import torch
 from osnet_base.errors import ExportMismatchError
 from engine_builder.export import EmbeddingModel, export_onnx, verify_onnx_against_torch
 from engine_builder.models import create_osnet
+from engine_builder.preprocessing import normalize_pixels
 
 
 @pytest.mark.parametrize("variant", ["osnet_x1_0", "osnet_ibn_x1_0", "osnet_ain_x0_25"])
@@ -19,14 +20,17 @@ def test_onnx_runtime_equals_pytorch_at_batch_1_7_32(tmp_path, variant):
     graph = onnx.load(path)
     assert graph.opset_import[0].version >= 17
     assert [d.dim_param for d in graph.graph.input[0].type.tensor_type.shape.dim] == ["batch", "", "", ""]
+    assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert list(tmp_path.iterdir()) == [path]  # weights inside the one file
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
     for batch in (1, 7, 32):
-        images = torch.randn(batch, 3, 256, 128)
+        pixels = rng.integers(0, 256, (batch, 256, 128, 3), dtype=np.uint8)
         with torch.inference_mode():
-            features = model(images).numpy()
-        got_features, got_embedding = session.run(["FEATURES", "EMBEDDING"], {"INPUT": images.numpy()})
+            # torchreid's own arithmetic on the same pixels: ToTensor (/255), Normalize, then the model.
+            features = model(normalize_pixels(pixels)).numpy()
+        got_features, got_embedding = session.run(["FEATURES", "EMBEDDING"], {"INPUT": pixels})
         assert np.max(np.abs(got_features - features)) <= 1e-4
         np.testing.assert_allclose(np.linalg.norm(got_embedding, axis=1), 1.0, atol=1e-5)
 

@@ -110,7 +110,7 @@ def test_workload_cycles_through_distinct_images():
     assert workload.distinct_images == 16 and all(b.shape == (4, 1) for b in workload.batches)
     assert len({image for batch in workload.batches for image in batch[:, 0]}) == 16
     tensors = build_workload(scenario="tensor", model="m", batch_size=2, image_pool=4)
-    assert tensors.batches[0].shape == (2, 3, 256, 128) and tensors.batches[0].dtype == np.float32
+    assert tensors.batches[0].shape == (2, 256, 128, 3) and tensors.batches[0].dtype == np.uint8
     assert not np.array_equal(tensors.batches[0][0], tensors.batches[0][1])
 
 

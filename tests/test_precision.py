@@ -22,10 +22,10 @@ def graphs(tmp_path_factory):
     return build_precision_graphs(VARIANT, tmp_path_factory.mktemp("precision"), settings=settings)
 
 
-def test_fp16_graph_is_fp16_inside_with_fp32_io(graphs):
+def test_fp16_graph_is_fp16_inside_with_uint8_in_and_fp32_out(graphs):
     model = onnx.load(graphs.plugin_free["fp16"])
-    io_types = {t.type.tensor_type.elem_type for t in (*model.graph.input, *model.graph.output)}
-    assert io_types == {onnx.TensorProto.FLOAT}
+    assert {t.type.tensor_type.elem_type for t in model.graph.input} == {onnx.TensorProto.UINT8}
+    assert {t.type.tensor_type.elem_type for t in model.graph.output} == {onnx.TensorProto.FLOAT}
     float_weights = [i for i in model.graph.initializer if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and len(i.dims) == 4]
     assert float_weights and all(i.data_type == onnx.TensorProto.FLOAT16 for i in float_weights)
     rewritten = onnx.load(graphs.with_plugins["fp16"])

@@ -1,11 +1,8 @@
 """The embedded default end to end: JPEG bytes -> real tritonserver (CPU) -> gRPC embeddings."""
 from __future__ import annotations
 
-import io
 import os
-import struct
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,7 +23,8 @@ from client.embedding_client import (
 )
 from osnet_base.api_key import grpc_headers, load_api_key
 from osnet_base.triton_server import find_free_port
-from engine_builder.preprocessing import preprocess_encoded
+from crafted_images import png_of_size, torchreid_embeddings
+from engine_builder.preprocessing import normalize_pixels, preprocess_encoded
 from engine_builder.synthetic_people import encode_jpeg, person_jpegs, render_person
 
 pytestmark = pytest.mark.server
@@ -38,28 +36,11 @@ def client(triton_server):
         yield client
 
 
-def reference_embeddings(model, jpegs: list[bytes]) -> np.ndarray:
-    """The in-process PyTorch pipeline: torchreid preprocessing, eval OSNet, L2 normalisation."""
-    with torch.inference_mode():
-        features = model(torch.stack([preprocess_encoded(jpeg) for jpeg in jpegs]))
-    return torch.nn.functional.normalize(features, dim=1).numpy()
-
-
 def test_ensemble_embedding_matches_in_process_pytorch(client, served_model):
     jpegs = person_jpegs(6, cameras=3)
     served = client.embed_images(jpegs)
     assert served.shape == (6, 512) and served.dtype == np.float32
-    cosines = np.sum(served * reference_embeddings(served_model, jpegs), axis=1)
-    assert cosines.min() >= 0.9999, cosines
-
-
-def test_png_and_grayscale_and_rgba_decode_like_pytorch(client, served_model):
-    encoded = []
-    for mode, fmt in [("L", "PNG"), ("RGBA", "PNG"), ("RGB", "PNG")]:
-        buffer = io.BytesIO()
-        render_person(5, camera=1).convert(mode).resize((97, 211)).save(buffer, format=fmt)
-        encoded.append(buffer.getvalue())
-    cosines = np.sum(client.embed_images(encoded) * reference_embeddings(served_model, encoded), axis=1)
+    cosines = np.sum(served * torchreid_embeddings(served_model, jpegs), axis=1)
     assert cosines.min() >= 0.9999, cosines
 
 
@@ -70,16 +51,22 @@ def test_features_output_is_the_raw_eval_feature(client, served_model):
     np.testing.assert_allclose(client.embed_images(jpeg, output="FEATURES"), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_tensor_model_serves_preprocessed_batches(client, served_model, tensor_model):
-    images = torch.randn(5, 3, 256, 128)
+def test_tensor_model_serves_uint8_pixels(client, served_model, tensor_model):
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 256, 128, 3), dtype=np.uint8)
     with torch.inference_mode():
-        expected = torch.nn.functional.normalize(served_model(images), dim=1).numpy()
-    np.testing.assert_allclose(client.embed_tensors(images.numpy(), tensor_model), expected, atol=1e-5)
+        expected = torch.nn.functional.normalize(served_model(normalize_pixels(pixels)), dim=1).numpy()
+    np.testing.assert_allclose(client.embed_tensors(pixels, tensor_model), expected, atol=1e-5)
+    assert client.served_tensor_model() == tensor_model
+
+
+def test_the_tensor_model_refuses_what_the_old_contract_sent(client, tensor_model):
+    with pytest.raises(InvalidInputError, match=r"uint8 pixels \[N, 256, 128, 3\], got float32 \[2, 3, 256, 128\]"):
+        client.embed_tensors(np.zeros((2, 3, 256, 128), np.float32), tensor_model)
 
 
 def test_sixteen_concurrent_clients_each_get_their_own_embedding(triton_server, served_model):
     jpegs = [encode_jpeg(render_person(identity, camera=identity % 3)) for identity in range(16)]
-    expected = reference_embeddings(served_model, jpegs)
+    expected = torchreid_embeddings(served_model, jpegs)
 
     def embed_alone(index: int) -> np.ndarray:
         with EmbeddingClient(triton_server.grpc_url) as own_client:
@@ -95,24 +82,12 @@ def test_sixteen_concurrent_clients_each_get_their_own_embedding(triton_server, 
         np.testing.assert_allclose(result, np.broadcast_to(expected[index], result.shape), atol=2e-4)
 
 
-def png_of_size(width: int, height: int) -> bytes:
-    """A valid 1-bit PNG of any size whose pixels are all zero: tiny to send, huge to decode."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    row = b"\x00" * (1 + (width + 7) // 8)
-    compressor = zlib.compressobj(9)
-    pixels = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
-
-
 @pytest.mark.parametrize(
     ("payload", "message"),
     [
-        (encode_jpeg(render_person(1))[:400], "not a decodable image"),
+        (encode_jpeg(render_person(1))[:400], r"IMAGE\[0\] is not a decodable JPEG"),
         (b"", "is empty"),
-        (b"definitely not an image", "not in any image format"),
+        (b"definitely not an image", "is not a JPEG or PNG file"),
         (png_of_size(20000, 20000), "20000x20000 pixels, over the limit"),
     ],
     ids=["truncated_jpeg", "empty_bytes", "garbage", "decompression_bomb"],
@@ -142,20 +117,21 @@ def _try_embed(url: str, payload: bytes) -> str:
 @pytest.mark.parametrize(
     ("shape", "datatype", "message"),
     [
-        ((1, 3, 256, 127), "FP32", "unexpected shape for input 'INPUT'"),
-        ((1, 3, 256, 128), "FP64", "data-type is 'FP64'"),
-        ((65, 3, 256, 128), "FP32", "batch-size must be <= 64"),
+        ((1, 256, 128, 2), "UINT8", "unexpected shape for input 'INPUT'"),
+        ((1, 3, 256, 128), "UINT8", "unexpected shape for input 'INPUT'"),
+        ((1, 256, 128, 3), "FP32", "data-type is 'FP32'"),
+        ((65, 256, 128, 3), "UINT8", "batch-size must be <= 64"),
     ],
-    ids=["wrong_shape", "wrong_dtype", "batch_too_large"],
+    ids=["wrong_shape", "old_layout", "wrong_dtype", "batch_too_large"],
 )
 def test_wrong_tensor_is_refused_with_a_clear_message(triton_server, client, shape, datatype, message, tensor_model):
     raw = grpcclient.InferenceServerClient(triton_server.grpc_url)
     request = grpcclient.InferInput("INPUT", list(shape), datatype)
-    request.set_data_from_numpy(np.zeros(shape, dtype=np.float64 if datatype == "FP64" else np.float32))
+    request.set_data_from_numpy(np.zeros(shape, dtype=np.float32 if datatype == "FP32" else np.uint8))
     with pytest.raises(InferenceServerException, match=message):
         raw.infer(tensor_model, [request])
     raw.close()
-    assert client.embed_tensors(np.zeros((1, 3, 256, 128), np.float32), tensor_model).shape == (1, 512)
+    assert client.embed_tensors(np.zeros((1, 256, 128, 3), np.uint8), tensor_model).shape == (1, 512)
 
 
 def _registered_shared_memory(url: str) -> set[str]:
@@ -169,7 +145,7 @@ def _registered_shared_memory(url: str) -> set[str]:
 
 def test_shared_memory_tensors_match_grpc_and_leave_nothing_behind(triton_server, client, tensor_model):
     rng = np.random.default_rng(3)
-    batches = [rng.standard_normal((size, 3, 256, 128), dtype=np.float32) for size in (2, 5, 1, 7, 3, 5, 8, 4)]
+    batches = [rng.integers(0, 256, (size, 256, 128, 3), dtype=np.uint8) for size in (2, 5, 1, 7, 3, 5, 8, 4)]
     expected = [client.embed_tensors(batch, tensor_model) for batch in batches]
     with EmbeddingClient(triton_server.grpc_url, shared_memory=True) as shared:
         # Four requests in flight at once, batch sizes that make regions grow: each gets its own embeddings.
@@ -180,7 +156,7 @@ def test_shared_memory_tensors_match_grpc_and_leave_nothing_behind(triton_server
         regions = _registered_shared_memory(triton_server.grpc_url)
         assert 1 <= len(regions) <= 4, regions
         with pytest.raises(InvalidInputError):
-            shared.embed_tensors(np.zeros((1, 3, 128, 256), np.float32), tensor_model)
+            shared.embed_tensors(np.zeros((1, 128, 256, 3), np.uint8), tensor_model)
         # As after a server restart: the server forgets every region; the client registers afresh.
         raw = grpcclient.InferenceServerClient(triton_server.grpc_url)
         for attempt in range(20):  # Triton refuses "in use" until the refused request above lets go of its region
@@ -202,12 +178,12 @@ def test_shared_memory_tensors_match_grpc_and_leave_nothing_behind(triton_server
 
 
 def test_a_region_a_request_still_holds_is_unregistered_once_it_is_released(triton_server, tensor_model):
-    batch = np.zeros((64, 3, 256, 128), np.float32)  # ~0.1 s of work: the server holds the region meanwhile
+    batch = np.zeros((64, 256, 128, 3), np.uint8)  # ~0.1 s of work: the server holds the region meanwhile
     raw = grpcclient.InferenceServerClient(triton_server.grpc_url)
     inputs = _SharedMemoryInputs(raw, triton_server.grpc_url, grpc_headers(triton_server.api_key))
     region = inputs.acquire(batch.nbytes)
     system_shm.set_shared_memory_region(region.handle, [batch])
-    request = grpcclient.InferInput("INPUT", list(batch.shape), "FP32")
+    request = grpcclient.InferInput("INPUT", list(batch.shape), "UINT8")
     request.set_shared_memory(region.name, batch.nbytes)
     done = []
     raw.async_infer(tensor_model, [request], callback=lambda result, error: done.append(error))
@@ -225,7 +201,7 @@ def test_a_region_a_request_still_holds_is_unregistered_once_it_is_released(trit
 def test_shared_memory_without_a_server_is_named(tensor_model):
     with EmbeddingClient(f"127.0.0.1:{find_free_port()}", timeout_s=5, shared_memory=True) as client:
         with pytest.raises(ServerUnavailableError, match="is tritonserver running"):
-            client.embed_tensors(np.zeros((1, 3, 256, 128), np.float32), tensor_model)
+            client.embed_tensors(np.zeros((1, 256, 128, 3), np.uint8), tensor_model)
     assert not [path for path in Path("/dev/shm").iterdir() if path.name.startswith(f"osnet_client_{os.getpid()}_")]
 
 
@@ -233,7 +209,7 @@ def test_empty_batch_is_refused_before_sending(client, tensor_model):
     with pytest.raises(InvalidInputError, match="empty batch"):
         client.embed_images([])
     with pytest.raises(InvalidInputError, match="non-empty batch"):
-        client.embed_tensors(np.zeros((0, 3, 256, 128), np.float32), tensor_model)
+        client.embed_tensors(np.zeros((0, 256, 128, 3), np.uint8), tensor_model)
 
 
 def test_missing_model_and_unreachable_server_are_named(triton_server):
@@ -248,5 +224,5 @@ def test_missing_model_and_unreachable_server_are_named(triton_server):
 def test_health_reports_every_model_ready(client, tensor_model):
     health = client.health()
     assert health.live and health.ready
-    assert health.models == {"osnet": "READY", "preprocess": "READY", tensor_model: "READY"}
+    assert health.models == {"osnet": "READY", "osnet_frames": "READY", "preprocess": "READY", tensor_model: "READY"}
     assert health.server_version.startswith("2.")

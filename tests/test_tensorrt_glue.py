@@ -123,12 +123,12 @@ def test_engines_sit_beside_the_cpu_model_and_the_ensemble_runs_int8(tmp_path):
         plans[precision] = tmp_path / f"{precision}.plan"
         plans[precision].write_bytes(precision.encode())
     served = write_tensorrt_models(tmp_path, "osnet_x1_0", plans, GpuRepositorySettings(max_batch_size=32),
-                                   preprocess=CpuRepositorySettings(max_batch_size=32, instances=2), jit_plugins=False)
+                                   preprocess=CpuRepositorySettings(max_batch_size=32, preprocess_instances=2), jit_plugins=False)
     assert served == "osnet_x1_0_trt_int8" == served_tensor_model(tmp_path)
     assert (tmp_path / "osnet_x1_0_trt_fp16" / "1" / "model.plan").read_bytes() == b"fp16"
     assert parse_config((tmp_path / served / "config.pbtxt").read_text()).platform == "tensorrt_plan"
     assert (tmp_path / cpu_model / "config.pbtxt").read_text() == cpu_config  # osnet_x1_0_int8, on the CPU, untouched
-    # --instances 2 reaches preprocess too, not only the engines
+    # the preprocess settings reach a GPU build's preprocess too
     assert parse_config((tmp_path / "preprocess" / "config.pbtxt").read_text()).instance_group[0].count == 2
     ensemble = parse_config((tmp_path / "osnet" / "config.pbtxt").read_text())
     assert ensemble.max_batch_size == 32 and (tmp_path / "preprocess" / "1" / "model.py").is_file()

@@ -9,7 +9,8 @@ from tritonclient.grpc import model_config_pb2
 
 from engine_builder.cli import build_parser
 from engine_builder.cpu_runtimes import RUNTIMES
-from engine_builder.triton_repository import CpuRepositorySettings, parse_config, served_tensor_model, write_cpu_models
+from engine_builder.triton_repository import MAX_DECODE_THREADS, CpuRepositorySettings, parse_config, served_tensor_model, write_cpu_models
+from osnet_base.image_decoding import DEFAULT_BUDGETS
 
 VARIANT = "osnet_x0_25"
 
@@ -19,7 +20,7 @@ def read_config(repository, model):
 
 
 def test_repository_layout(served_repository, tensor_model):
-    assert sorted(p.name for p in served_repository.iterdir()) == sorted(["osnet", "preprocess", tensor_model])
+    assert sorted(p.name for p in served_repository.iterdir()) == sorted(["osnet", "osnet_frames", "preprocess", tensor_model])
     assert (served_repository / tensor_model / "1" / "model.onnx").is_file()
     assert (served_repository / tensor_model / "1" / "model.py").is_file()
     assert (served_repository / "preprocess" / "1" / "model.py").is_file()
@@ -29,7 +30,7 @@ def test_repository_layout(served_repository, tensor_model):
 def test_tensor_model_config(served_repository, tensor_model):
     config = read_config(served_repository, tensor_model)
     assert config.backend == "python" and config.max_batch_size >= 64
-    assert [(i.name, list(i.dims)) for i in config.input] == [("INPUT", [3, 256, 128])]
+    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [("INPUT", model_config_pb2.TYPE_UINT8, [256, 128, 3])]
     assert [(o.name, list(o.dims)) for o in config.output] == [("EMBEDDING", [512]), ("FEATURES", [512])]
     assert config.HasField("dynamic_batching")
     assert config.parameters["EXECUTION_ENV_PATH"].string_value  # the venv with ONNX Runtime and NumPy < 2
@@ -44,13 +45,29 @@ def test_ensemble_wires_image_to_embedding(served_repository, tensor_model):
     assert dict(steps[1].output_map) == {"EMBEDDING": "EMBEDDING", "FEATURES": "FEATURES"}
 
 
-def test_preprocess_limits_image_size(served_repository):
+def test_preprocess_carries_its_budgets_and_decodes_on_the_cores(served_repository):
     config = read_config(served_repository, "preprocess")
-    assert int(config.parameters["MAX_IMAGE_PIXELS"].string_value) == 16_000_000
+    parameters = {key: int(value.string_value) for key, value in config.parameters.items() if key != "EXECUTION_ENV_PATH"}
+    instances, threads = CpuRepositorySettings().preprocess_layout()
+    assert parameters == {"MAX_IMAGE_BYTES": DEFAULT_BUDGETS.max_image_bytes, "MAX_IMAGE_PIXELS": DEFAULT_BUDGETS.max_image_pixels,
+                          "MAX_REQUEST_PIXELS": DEFAULT_BUDGETS.max_request_pixels, "DECODE_THREADS": threads}
+    assert config.instance_group[0].count == instances
     assert config.input[0].data_type == model_config_pb2.TYPE_STRING
+    assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [("INPUT", model_config_pb2.TYPE_UINT8, [256, 128, 3])]
+    assert {p.name for p in (served_repository / "preprocess" / "1").iterdir()} >= {"model.py", "contract.py", "image_decoding.py"}
 
 
-@pytest.mark.parametrize("bad", [{"max_batch_size": 0}, {"instances": 0}, {"intra_op_threads": 0}])
+def test_preprocess_layout_shares_the_cores_out():
+    cores = len(os.sched_getaffinity(0))
+    instances, threads = CpuRepositorySettings().preprocess_layout()
+    assert instances * threads >= cores and threads <= max(MAX_DECODE_THREADS, 1) and instances == -(-cores // MAX_DECODE_THREADS)
+    assert CpuRepositorySettings(preprocess_instances=3).preprocess_layout() == (3, max(1, -(-cores // 3)))
+    assert CpuRepositorySettings(preprocess_instances=2, decode_threads=5).preprocess_layout() == (2, 5)
+
+
+@pytest.mark.parametrize("bad", [{"max_batch_size": 0}, {"instances": 0}, {"intra_op_threads": 0}, {"max_image_bytes": 0},
+                                 {"max_image_pixels": 10, "max_request_pixels": 5}, {"decode_threads": 0},
+                                 {"preprocess_instances": 0}])
 def test_settings_refuse_nonsense(bad):
     with pytest.raises(ValueError):
         CpuRepositorySettings(**bad)
@@ -136,15 +153,49 @@ def test_max_batch_size_16_reaches_the_engine_profile_and_every_config(tmp_path)
         assert read_config(tmp_path / "repo", model).max_batch_size == 16, model
 
 
-def test_instances_reach_preprocess_the_cpu_model_and_the_engines(tmp_path):
+def test_instances_reach_the_cpu_model_and_the_engines_and_preprocess_has_its_own(tmp_path):
     from engine_builder.cpu_runtimes import RUNTIMES
     from engine_builder.triton_repository import write_cpu_models
 
-    settings = settings_from(["--instances", "2", "--precision", "fp32", "fp16"])
+    settings = settings_from(["--instances", "2", "--preprocess-instances", "3", "--precision", "fp32", "fp16"])
     cpu_model = write_cpu_models(tmp_path / "repo", settings.variant, settings.cpu_repository(), RUNTIMES["onnxruntime-fp32"])
     served = write_gpu_build(tmp_path / "repo", settings)  # was: preprocess rewritten with 1 instance
-    for model in ("preprocess", cpu_model, served):
-        assert read_config(tmp_path / "repo", model).instance_group[0].count == 2, model
+    for model, count in (("preprocess", 3), (cpu_model, 2), (served, 2)):
+        assert read_config(tmp_path / "repo", model).instance_group[0].count == count, model
+
+
+def written_cpu_and_gpu_builds(tmp_path, settings):
+    """A CPU build's repository and a GPU build's, both written for `settings`."""
+    write_cpu_models(tmp_path / "cpu", settings.variant, settings.cpu_repository(), RUNTIMES["onnxruntime-fp32"])
+    write_gpu_build(tmp_path / "gpu", settings)
+    return tmp_path / "cpu", tmp_path / "gpu"
+
+
+def test_preprocess_budgets_and_threads_reach_cpu_and_gpu_builds(tmp_path):
+    settings = settings_from(["--max-image-bytes", "5000", "--max-image-pixels", "7000", "--max-request-pixels", "9000",
+                              "--preprocess-instances", "2", "--decode-threads", "3", "--precision", "fp32", "fp16"])
+    expected = {"MAX_IMAGE_BYTES": "5000", "MAX_IMAGE_PIXELS": "7000", "MAX_REQUEST_PIXELS": "9000", "DECODE_THREADS": "3"}
+    for repository in written_cpu_and_gpu_builds(tmp_path, settings):
+        config = read_config(repository, "preprocess")
+        assert {k: v.string_value for k, v in config.parameters.items() if k in expected} == expected, repository.name
+        assert config.instance_group[0].count == 2
+
+
+def test_every_build_writes_osnet_frames_over_the_model_the_ensemble_runs(tmp_path):
+    settings = settings_from(["--max-batch-size", "16", "--max-image-pixels", "7000", "--max-request-pixels", "9000",
+                              "--precision", "fp32", "fp16"])
+    for repository in written_cpu_and_gpu_builds(tmp_path, settings):
+        config = read_config(repository, "osnet_frames")
+        assert config.backend == "python" and config.max_batch_size == 0, repository.name
+        assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [
+            ("FRAME", model_config_pb2.TYPE_STRING, [1]), ("BOXES", model_config_pb2.TYPE_FP32, [-1, 4])]
+        assert [(o.name, list(o.dims)) for o in config.output] == [("EMBEDDING", [-1, 512]), ("FEATURES", [-1, 512])]
+        parameters = {k: v.string_value for k, v in config.parameters.items() if k != "EXECUTION_ENV_PATH"}
+        assert parameters == {"TENSOR_MODEL": served_tensor_model(repository), "MAX_BOXES": "16", "MAX_IMAGE_PIXELS": "7000",
+                              "MAX_REQUEST_PIXELS": "9000", "MAX_IMAGE_BYTES": str(DEFAULT_BUDGETS.max_image_bytes)}
+        assert config.instance_group[0].count == CpuRepositorySettings().frames_instances() >= 2
+        assert {p.name for p in (repository / "osnet_frames" / "1").iterdir()} >= {
+            "model.py", "contract.py", "image_decoding.py", "frame_boxes.py"}
 
 
 def test_calib_method_reaches_both_int8_graphs():
@@ -164,6 +215,8 @@ def test_calib_method_reaches_both_int8_graphs():
     (["--calib-dir", "/nonexistent/crops"], "calibration image folder /nonexistent/crops does not exist"),
     (["--weights", "/nonexistent/w.pth"], "checkpoint /nonexistent/w.pth does not exist"),
     (["--python-env", "/nonexistent/venv"], "is not a folder"),
+    (["--decode-threads", "0"], "decode threads must be >= 1"),
+    (["--max-image-pixels", "200", "--max-request-pixels", "100"], "max_request_pixels (100) must hold at least one image"),
 ])
 def test_a_setting_that_cannot_be_honoured_is_refused_before_any_work(tmp_path, capsys, argv, reason):
     from engine_builder.cli import main

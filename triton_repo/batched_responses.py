@@ -20,6 +20,11 @@ def split_responses(requests, batch_sizes, outputs):
     return responses
 
 
+def invalid_argument(message):
+    """A response refusing its own request's input: INVALID_ARG, `message` naming what is wrong."""
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG))
+
+
 def error_responses(requests, message):
     """The same error for every request: each must get an answer."""
     error = pb_utils.TritonError(message)
