@@ -1,8 +1,8 @@
 """Served against in-process, side by side in one run: the JPEG ensemble against the same decode and
 model in one process, and the uint8 tensor path against the model alone.
 
-For each variant, with ONNX Runtime FP32 and with the runtime `osnet-build --runtime auto` picks here
-(measured first, as the build measures it):
+For each variant: every CPU runtime in-process as `osnet-build --runtime auto` measures it, and PyTorch
+eager; then, with ONNX Runtime FP32 and with the runtime auto picks:
 - in-process: the model alone at batch 32; decode + model at batch 8 and at batch 32, decoded by the
   served preprocessor's own code (osnet_base/image_decoding.py) on as many threads as it gets;
 - served by a real tritonserver, the repository written as `osnet-build` writes it: the `osnet`
@@ -266,6 +266,8 @@ class InProcessPipeline:
 
 
 def benchmark_variant(variant: str, seconds: float, rounds: int, workdir: Path, settings, load: ForeignLoad) -> tuple[list[Row], str]:
+    import torch
+
     from engine_builder.build import make_cpu_graphs, pytorch_embeddings
     from engine_builder.cpu_runtimes import (
         RUNTIMES,
@@ -279,6 +281,7 @@ def benchmark_variant(variant: str, seconds: float, rounds: int, workdir: Path, 
     )
     from engine_builder.image_sets import EVALUATION_SEED, image_set, preprocess_all
     from engine_builder.models import create_osnet
+    from engine_builder.preprocessing import normalize_pixels
     from engine_builder.reference_weights import default_weights
     from engine_builder.synthetic_people import person_jpegs
     from engine_builder.triton_repository import write_cpu_models
@@ -305,12 +308,25 @@ def benchmark_variant(variant: str, seconds: float, rounds: int, workdir: Path, 
     graph_dir.mkdir(parents=True)
     graphs = make_cpu_graphs(model, {runtime.graph for runtime in candidates}, graph_dir, selection)
     # What `--runtime auto` measures at build time.
-    measurements, _ = load.measured_quietly(lambda: measure_candidates(
+    measurements, candidates_foreign = load.measured_quietly(lambda: measure_candidates(
         candidates, graphs, evaluation, pytorch_embeddings(model, evaluation), floor=selection.floor,
         threads=settings.threads_per_instance(), streams=settings.streams, instances=settings.instances,
         batch_size=BATCH, seconds_per_candidate=seconds, rounds=rounds))
     chosen, reason = choose_runtime(measurements, selection.floor)
     print(f"  auto picks {chosen}: {reason}", flush=True)
+    for measured in measurements:
+        rows.append(Row(variant=variant, runtime=measured.runtime, path="in-process: model, as auto measures", batch=BATCH,
+                        clients=1, images_per_s=measured.images_per_s or 0.0, reference=None, min_cosine=measured.min_cosine,
+                        client_cores=None, foreign_cores=candidates_foreign))
+    tensor = normalize_pixels(np.resize(evaluation, (BATCH, *evaluation.shape[1:])))
+
+    def torch_batch() -> int:
+        with torch.inference_mode():
+            model(tensor)
+        return BATCH
+
+    record("pytorch-fp32", "in-process: model, PyTorch eager", BATCH, 1,
+           load.measured_quietly(lambda: measure([torch_batch], seconds, rounds)), 1.0)
 
     jpegs = person_jpegs(BATCH * 8, cameras=3, seed=21)
     pixels = preprocess_all(jpegs)
