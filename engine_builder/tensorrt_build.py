@@ -30,9 +30,8 @@ from osnet_base.contract import (
     EMBEDDING_NAME,
     FEATURE_DIM,
     FEATURES_NAME,
-    INPUT_HEIGHT,
     INPUT_NAME,
-    INPUT_WIDTH,
+    INPUT_SHAPE,
 )
 from osnet_base.errors import OsnetTritonError
 
@@ -191,7 +190,7 @@ def config_mismatches(description: EngineDescription, config) -> list[str]:
     """How an engine differs from the Triton config that will serve it (empty when it serves as declared)."""
     from tritonclient.grpc import model_config_pb2 as pb
 
-    dtypes = {pb.TYPE_FP32: "float32", pb.TYPE_FP16: "float16", pb.TYPE_INT8: "int8", pb.TYPE_INT32: "int32"}
+    dtypes = {pb.TYPE_FP32: "float32", pb.TYPE_FP16: "float16", pb.TYPE_INT8: "int8", pb.TYPE_INT32: "int32", pb.TYPE_UINT8: "uint8"}
     problems = []
     for kind, declared, actual in (("input", config.input, description.inputs), ("output", config.output, description.outputs)):
         expected = {t.name: (dtypes.get(t.data_type, str(t.data_type)), (-1, *t.dims)) for t in declared}
@@ -269,7 +268,7 @@ def build(onnx_path: Path, plan_path: Path, settings: EngineBuildSettings, plugi
     if sys.stderr.isatty():
         config.progress_monitor = _progress_monitor(trt)
     profile = builder.create_optimization_profile()
-    shape = (3, INPUT_HEIGHT, INPUT_WIDTH)
+    shape = INPUT_SHAPE
     profile.set_shape(INPUT_NAME, (1, *shape), (settings.opt_batch_size, *shape), (settings.max_batch_size, *shape))
     config.add_optimization_profile(profile)
     cache_path = settings.timing_cache if library.timing_cache else None
@@ -335,7 +334,7 @@ class EngineRunner:
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         cp = self._cupy
         with self.stream:
-            batch = cp.asarray(np.ascontiguousarray(images, dtype=np.float32))
+            batch = cp.asarray(np.ascontiguousarray(images, dtype=np.uint8))  # the served input: uint8 pixels
             outputs = {name: cp.empty((len(images), FEATURE_DIM), dtype=cp.float32) for name in (FEATURES_NAME, EMBEDDING_NAME)}
             self._bind(batch, outputs)
             self._execute()
@@ -346,7 +345,7 @@ class EngineRunner:
     def images_per_second(self, batch_size: int, seconds: float = 2.0) -> float:
         cp = self._cupy
         with self.stream:
-            images = cp.random.standard_normal((batch_size, 3, INPUT_HEIGHT, INPUT_WIDTH), dtype=cp.float32)
+            images = cp.random.randint(0, 256, (batch_size, *INPUT_SHAPE), dtype=cp.uint8)
             outputs = {name: cp.empty((batch_size, FEATURE_DIM), dtype=cp.float32) for name in (FEATURES_NAME, EMBEDDING_NAME)}
             self._bind(images, outputs)
             self._execute()  # warm-up

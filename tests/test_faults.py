@@ -32,6 +32,7 @@ from tritonclient.utils import InferenceServerException
 from client.cli import main as osnet_client
 from client.embedding_client import ClientError, EmbeddingClient
 from engine_builder.synthetic_people import person_jpegs
+from osnet_base.contract import INPUT_SHAPE
 from osnet_base.triton_server import SHM_DIR, TritonServerConfig, TritonServerError, TritonServerProcess
 
 pytestmark = pytest.mark.server
@@ -323,7 +324,7 @@ def test_registering_the_backends_own_region_is_refused_and_the_server_keeps_ser
         assert client.embed_images(person_jpegs(1)).shape == (1, 512)
     # The project's own client holds the key and still passes tensors through shared memory.
     with EmbeddingClient(triton_server.grpc_url, shared_memory=True) as client:
-        assert client.embed_tensors(np.zeros((2, 3, 256, 128), np.float32), tensor_model).shape == (2, 512)
+        assert client.embed_tensors(np.zeros((2, *INPUT_SHAPE), np.uint8), tensor_model).shape == (2, 512)
 
 
 def test_log_settings_are_refused_without_the_key(triton_server):

@@ -51,8 +51,9 @@ def test_every_precision_builds_an_engine_that_serves_as_the_config_declares(rep
         network = check.built.network
         assert check.built.plan.stat().st_size == check.built.plan_bytes > 0
         assert check.config_problems == [], check.config_problems
-        assert [(t.name, t.dtype, t.shape) for t in network.inputs] == [("INPUT", "float32", (-1, 3, 256, 128))]
-        assert network.profile["INPUT"] == ((1, 3, 256, 128), (32, 3, 256, 128), (MAX_BATCH_SIZE, 3, 256, 128))
+        # uint8 pixels in, as the CPU models take them: the graph normalises
+        assert [(t.name, t.dtype, t.shape) for t in network.inputs] == [("INPUT", "uint8", (-1, 256, 128, 3))]
+        assert network.profile["INPUT"] == ((1, 256, 128, 3), (32, 256, 128, 3), (MAX_BATCH_SIZE, 256, 128, 3))
 
 
 def test_config_mismatches_name_what_differs(report):
