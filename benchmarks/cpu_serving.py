@@ -9,8 +9,9 @@ eager; then, with ONNX Runtime FP32 and with the runtime auto picks:
   ensemble from JPEG bytes as 8 clients x 1 image (dynamic batching does the batching) and 1 client
   x 32 images; the tensor model from uint8 pixels, 1 and 8 clients x 32 images, over gRPC and with
   the pixels in Triton system shared memory (a client on the server's host).
-Each served row is set against the in-process row of the same work: the ensemble at 8 x 1 against
-decode + model at batch 8, at 1 x 32 against batch 32; the tensor model against the model alone.
+Each served row is measured side by side with its in-process twin, in alternating rounds: the
+ensemble at 8 x 1 with decode + model at batch 8, at 1 x 32 with batch 32; the tensor model with the
+model alone at batch 32.
 Then the budgets: how long the preprocessor takes over the most expensive request it accepts.
 
 Frames and boxes (`--frames-only` runs these rows alone): a generated 1280x720 camera frame with 8 or
@@ -68,7 +69,8 @@ class Row:
     batch: int  # images per request
     clients: int
     images_per_s: float
-    reference: tuple[str, int] | None  # (path, images per request) of the in-process row this one is set against
+    in_process: str | None  # served rows: the in-process work measured alongside ...
+    in_process_images_per_s: float | None  # ... and its img/s
     min_cosine: float | None
     client_cores: float | None  # served rows: what the load generator (this process) used
     foreign_cores: float
@@ -136,30 +138,44 @@ class ForeignLoad:
             print(f"  (others used {foreign:.2f} cores meanwhile: measuring again)", flush=True)
 
 
+def _one_round(calls: Sequence[Callable[[], int]], seconds: float) -> tuple[float, float]:
+    """Images per second of `calls` run for `seconds`, one thread each (each returns how many images it
+    did), and the cores this process used meanwhile."""
+    done = [0] * len(calls)
+    deadline = time.perf_counter() + seconds
+
+    def worker(slot: int) -> None:
+        while time.perf_counter() < deadline:
+            done[slot] += calls[slot]()
+
+    started, cpu_started = time.perf_counter(), time.process_time()
+    threads = [threading.Thread(target=worker, args=(slot,)) for slot in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    return sum(done) / elapsed, (time.process_time() - cpu_started) / elapsed
+
+
 def measure(calls: Sequence[Callable[[], int]], seconds: float, rounds: int) -> tuple[float, float]:
-    """Images per second of `calls` (one per thread, each returning how many images it did), and the
-    cores this process used meanwhile: the best of `rounds` rounds of `seconds / rounds`."""
+    """(images per second, cores this process used) of `calls`: the best of `rounds` rounds of `seconds / rounds`."""
     for call in calls:
         call()  # warm-up: first-call allocations, graph specialisation, connections
-    best, best_cores = 0.0, 0.0
+    return max((_one_round(calls, seconds / rounds) for _ in range(rounds)), key=lambda result: result[0])
+
+
+def measure_pair(in_process: Callable[[], int], served: Sequence[Callable[[], int]], seconds: float,
+                 rounds: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The in-process work and its served twin in alternating rounds, the best round of each: the ratio
+    of the two is taken side by side, whatever the machine's speed does over the run."""
+    for call in (in_process, *served):
+        call()
+    best_in, best_served = (0.0, 0.0), (0.0, 0.0)
     for _ in range(rounds):
-        done = [0] * len(calls)
-        deadline = time.perf_counter() + seconds / rounds
-
-        def worker(slot: int) -> None:
-            while time.perf_counter() < deadline:
-                done[slot] += calls[slot]()
-
-        started, cpu_started = time.perf_counter(), time.process_time()
-        threads = [threading.Thread(target=worker, args=(slot,)) for slot in range(len(calls))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        elapsed = time.perf_counter() - started
-        if sum(done) / elapsed > best:
-            best, best_cores = sum(done) / elapsed, (time.process_time() - cpu_started) / elapsed
-    return best, best_cores
+        best_in = max(best_in, _one_round([in_process], seconds / rounds), key=lambda result: result[0])
+        best_served = max(best_served, _one_round(served, seconds / rounds), key=lambda result: result[0])
+    return best_in, best_served
 
 
 def min_cosine(embeddings: np.ndarray, reference: np.ndarray) -> float:
@@ -290,11 +306,13 @@ def benchmark_variant(variant: str, seconds: float, rounds: int, workdir: Path, 
     rows: list[Row] = []
 
     def record(runtime: str, path: str, batch: int, clients: int, measured: tuple[tuple[float, float], float],
-               cosine: float | None, reference: tuple[str, int] | None = None, served: bool = False) -> None:
+               cosine: float | None, in_process: tuple[str, float] | None = None) -> None:
         (rate, cores), foreign = measured
+        served = in_process is not None
         rows.append(Row(variant=variant, runtime=runtime, path=path, batch=batch, clients=clients, images_per_s=rate,
-                        reference=reference, min_cosine=cosine, client_cores=cores if served else None, foreign_cores=foreign))
-        extra = f"  load generator {cores:.2f} cores" if served else ""
+                        in_process=in_process[0] if served else None, in_process_images_per_s=in_process[1] if served else None,
+                        min_cosine=cosine, client_cores=cores if served else None, foreign_cores=foreign))
+        extra = f"  load generator {cores:.2f} cores; in-process {in_process[0]}: {in_process[1]:.1f} img/s" if served else ""
         print(f"  {variant:<12} {runtime:<17} {path:<30} {batch:>2} x {clients}: {rate:8.1f} img/s  min cosine "
               f"{cosine if cosine is not None else float('nan'):.6f}{extra}  (others: {foreign:.2f} cores)", flush=True)
 
@@ -316,8 +334,8 @@ def benchmark_variant(variant: str, seconds: float, rounds: int, workdir: Path, 
     print(f"  auto picks {chosen}: {reason}", flush=True)
     for measured in measurements:
         rows.append(Row(variant=variant, runtime=measured.runtime, path="in-process: model, as auto measures", batch=BATCH,
-                        clients=1, images_per_s=measured.images_per_s or 0.0, reference=None, min_cosine=measured.min_cosine,
-                        client_cores=None, foreign_cores=candidates_foreign))
+                        clients=1, images_per_s=measured.images_per_s or 0.0, in_process=None, in_process_images_per_s=None,
+                        min_cosine=measured.min_cosine, client_cores=None, foreign_cores=candidates_foreign))
     tensor = normalize_pixels(np.resize(evaluation, (BATCH, *evaluation.shape[1:])))
 
     def torch_batch() -> int:
@@ -338,19 +356,13 @@ def benchmark_variant(variant: str, seconds: float, rounds: int, workdir: Path, 
         runtime = RUNTIMES[runtime_name]
         parameters = runtime.config_parameters(settings.threads_per_instance(), settings.streams)
         embed, _ = open_embedder(runtime, graphs[runtime.graph], parameters, settings.instances)
-        next_batch = cycling(batches)
-        cosine = min_cosine(np.concatenate([embed(pixels[part]) for part in batches]), reference)
-        record(runtime_name, "in-process: model", BATCH, 1,
-               load.measured_quietly(lambda: measure([lambda: len(embed(pixels[next_batch()]))], seconds, rounds)), cosine)
         pipeline = InProcessPipeline(embed, budgets, decode_threads)
-        cosine = min_cosine(np.concatenate([pipeline(jpegs[part]) for part in batches]), reference)
-        for size in (CONCURRENCY, BATCH):
-            groups = cycling([jpegs[start : start + size] for start in range(0, len(jpegs), size)])
-            record(runtime_name, "in-process: decode + model", size, 1,
-                   load.measured_quietly(lambda: measure([lambda: len(pipeline(groups()))], seconds, rounds)), cosine)
-        pipeline.close()
-        del embed
-
+        next_batch = cycling(batches)
+        groups = {size: cycling([jpegs[start : start + size] for start in range(0, len(jpegs), size)]) for size in (CONCURRENCY, BATCH)}
+        in_process = {  # the in-process twin of each served row, and its cosine
+            "model": (lambda: len(embed(pixels[next_batch()])), min_cosine(np.concatenate([embed(pixels[part]) for part in batches]), reference)),
+            "decode": {size: lambda size=size: len(pipeline(groups[size]())) for size in groups},
+        }
         repository = workdir / variant / runtime_name
         tensor_model = write_cpu_models(repository, variant, settings, runtime)
         shutil.copyfile(graphs[runtime.graph], repository / tensor_model / "1" / "model.onnx")
@@ -359,16 +371,17 @@ def benchmark_variant(variant: str, seconds: float, rounds: int, workdir: Path, 
             calls, regions = PreparedCalls(server.grpc_url), SharedRegions(server.grpc_url)
             try:
                 served_rows(server.grpc_url, runtime_name, tensor_model, jpegs, pixels, reference, batches, calls, regions,
-                            record, load, seconds, rounds)
+                            record, load, seconds, rounds, in_process)
             finally:
                 calls.close()
                 regions.close()
                 load.groups.discard(server.pid)
+        pipeline.close()
     return rows, f"{chosen}: {reason}"
 
 
 def served_rows(url, runtime_name, tensor_model, jpegs, pixels, reference, batches, calls, regions, record, load, seconds,
-                rounds) -> None:
+                rounds, in_process) -> None:
     from client.embedding_client import EmbeddingClient
     from osnet_base.contract import EMBEDDING_NAME, ENSEMBLE_MODEL, IMAGE_NAME, INPUT_DATATYPE, INPUT_NAME
     from tritonclient.grpc import service_pb2
@@ -412,25 +425,22 @@ def served_rows(url, runtime_name, tensor_model, jpegs, pixels, reference, batch
             made.append(call)
         return made
 
+    def paired(twin: Callable[[], int], made: list[Callable[[], int]]):
+        (twin_rate, _), served = measure_pair(twin, made, seconds, rounds)
+        return twin_rate, served
+
     for size, clients in ((1, CONCURRENCY), (BATCH, 1)):
         made = ensemble_calls(size, clients)
-        record(runtime_name, "ensemble, JPEG over gRPC", size, clients, load.measured_quietly(lambda: measure(made, seconds, rounds)),
-               ensemble_cosine, reference=("in-process: decode + model", size * clients), served=True)
+        (twin_rate, served), foreign = load.measured_quietly(lambda: paired(in_process["decode"][size * clients], made))
+        record(runtime_name, "ensemble, JPEG over gRPC", size, clients, (served, foreign), ensemble_cosine,
+               in_process=(f"decode + model, batch {size * clients}", twin_rate))
+    model_twin, model_cosine = in_process["model"]
     for clients in (1, CONCURRENCY):
-        made = tensor_calls(clients)
-        record(runtime_name, "tensor, gRPC", BATCH, clients, load.measured_quietly(lambda: measure(made, seconds, rounds)),
-               tensor_cosine, reference=("in-process: model", BATCH), served=True)
-        made = shared_calls(clients)
-        record(runtime_name, "tensor, shared memory", BATCH, clients, load.measured_quietly(lambda: measure(made, seconds, rounds)),
-               shared_cosine, reference=("in-process: model", BATCH), served=True)
-
-
-def reference_row(rows: list[Row], row: Row) -> Row | None:
-    """The in-process row `row` is set against."""
-    if row.reference is None:
-        return None
-    path, batch = row.reference
-    return next(r for r in rows if r.variant == row.variant and r.runtime == row.runtime and r.path == path and r.batch == batch)
+        for path, made, cosine in (("tensor, gRPC", tensor_calls(clients), tensor_cosine),
+                                   ("tensor, shared memory", shared_calls(clients), shared_cosine)):
+            (twin_rate, served), foreign = load.measured_quietly(lambda: paired(model_twin, made))
+            record(runtime_name, path, BATCH, clients, (served, foreign), cosine, in_process=(f"model, batch {BATCH}", twin_rate))
+    print(f"  ({runtime_name} in-process model: min cosine {model_cosine:.6f})", flush=True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -522,17 +532,17 @@ def print_frames_table(rows: list[FrameRow], seconds: float, rounds: int) -> Non
 def print_table(rows: list[Row], choices: dict[str, str], settings, seconds: float, rounds: int) -> None:
     from osnet_base.triton_server import KEEP_LARGE_BUFFERS
 
-    print("\n| variant | runtime | path | images/request x clients | img/s | in-process img/s | ratio | target | min cosine "
-          "| load generator cores | others' cores |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| variant | runtime | path | images/request x clients | img/s | in-process, measured alongside | in-process img/s "
+          "| ratio | target | min cosine | load generator cores | others' cores |")
+    print("|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        against = reference_row(rows, row)
         target = next((value for key, value in TARGETS.items() if row.path.startswith(key)), None)
-        ratio = "-" if against is None else f"{row.images_per_s / against.images_per_s:.2f}"
-        verdict = "" if against is None else (" (met)" if row.images_per_s >= target * against.images_per_s else " (**missed**)")
+        paired = row.in_process_images_per_s is not None
+        ratio = row.images_per_s / row.in_process_images_per_s if paired else None
+        verdict = "-" if not paired else f">= {target} ({'met' if ratio >= target else '**missed**'})"
         print(f"| {row.variant.removeprefix('osnet_')} | {row.runtime} | {row.path} | {row.batch} x {row.clients} | "
-              f"{row.images_per_s:.1f} | {'-' if against is None else f'{against.images_per_s:.1f}'} | {ratio} | "
-              f"{'-' if target is None else f'>= {target}{verdict}'} | "
+              f"{row.images_per_s:.1f} | {row.in_process or '-'} | {f'{row.in_process_images_per_s:.1f}' if paired else '-'} | "
+              f"{f'{ratio:.2f}' if paired else '-'} | {verdict} | "
               f"{'-' if row.min_cosine is None else f'{row.min_cosine:.6f}'} | "
               f"{'-' if row.client_cores is None else f'{row.client_cores:.2f}'} | {row.foreign_cores:.2f} |")
     print()
