@@ -242,12 +242,15 @@ class SharedRegions:
         import tritonclient.grpc as grpcclient
         import tritonclient.utils.shared_memory as system_shm
 
+        from osnet_base.api_key import grpc_headers, load_api_key
+
         self._shm, self._client, self._regions = system_shm, grpcclient.InferenceServerClient(url), []
+        self._headers = grpc_headers(load_api_key())  # the shared-memory API is restricted
 
     def create(self, byte_size: int) -> tuple[str, np.ndarray]:
         name = f"osnet_bench_{os.getpid()}_{uuid.uuid4().hex[:8]}"
         handle = self._shm.create_shared_memory_region(name, f"/{name}", byte_size)
-        self._client.register_system_shared_memory(name, f"/{name}", byte_size)
+        self._client.register_system_shared_memory(name, f"/{name}", byte_size, headers=self._headers)
         self._regions.append((name, handle))
         return name, handle
 
@@ -257,7 +260,7 @@ class SharedRegions:
     def close(self) -> None:
         for name, handle in self._regions:
             try:
-                self._client.unregister_system_shared_memory(name)
+                self._client.unregister_system_shared_memory(name, headers=self._headers)
             finally:
                 self._shm.destroy_shared_memory_region(handle)
         self._client.close()

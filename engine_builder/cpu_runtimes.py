@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine_builder.cpu_sessions import open_session
+from engine_builder.cpu_sessions import OPENVINO_CHUNK, open_session
 from engine_builder.precision import CALIBRATION_METHODS, CPU_CALIBRATION_METHOD, PrecisionFloor, compare_with_fp32
 from osnet_base.contract import DEFAULT_RUNTIME, EMBEDDING_NAME
 from osnet_base.errors import OsnetTritonError
@@ -83,16 +83,24 @@ class CpuRuntime:
     def config_parameters(self, threads: int | None, streams: int | None) -> dict[str, str]:
         """The python-backend model's config parameters; the in-process measurement uses the same.
 
-        `streams` None: OpenVINO's THROUGHPUT hint picks the number of streams for this CPU (2 on 2
-        cores, one thread each), and the served model splits each batch over them. On 2 cores that
-        measured 5-10% above one 2-thread stream in-process for BF16, and under concurrent load it
-        loses less to the load generator: a preempted thread stalls its own stream, not every layer.
+        `threads`: the instance's threads (None: a thread per core). `streams`: the parts a batch is cut
+        into and run at once, the threads shared out between them. None: for ONNX Runtime a session per
+        thread; for OpenVINO as many streams as its THROUGHPUT hint picks for this CPU (2 on 2 cores, one
+        thread each). On 2 cores that measured 5-10% above one 2-thread stream in-process for OpenVINO
+        BF16, 2-18% for ONNX Runtime, and under concurrent load it loses less to the load generator: a
+        preempted thread stalls its own stream, not every layer. OpenVINO runs fixed chunks of
+        `OPENVINO_CHUNK` images (see cpu_sessions.OpenVinoSession).
         """
         if self.engine == "onnxruntime":
-            return {"ENGINE": self.engine, **({} if threads is None else {"INTRA_OP_THREADS": str(threads)})}
+            parameters = {"ENGINE": self.engine}
+            if threads is not None:
+                parameters["INTRA_OP_THREADS"] = str(threads)
+            if streams is not None:
+                parameters["STREAMS"] = str(streams)
+            return parameters
         # LATENCY gives one request all the threads; THROUGHPUT splits them over the streams.
         parameters = {"ENGINE": self.engine, "INFERENCE_PRECISION_HINT": self.openvino_precision_hint,
-                      "PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT"}
+                      "PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT", "CHUNK": str(OPENVINO_CHUNK)}
         if streams is not None:
             parameters["NUM_STREAMS"] = str(streams)
         if threads is not None:

@@ -167,6 +167,42 @@ def evaluation(x0_25):
     return images, pytorch_embeddings(x0_25, images)
 
 
+@pytest.fixture(scope="module")
+def fp32_graph(tmp_path_factory, x0_25):
+    from engine_builder.build import make_cpu_graphs
+
+    return make_cpu_graphs(x0_25, {"fp32"}, tmp_path_factory.mktemp("graphs"), RuntimeSelection())["fp32"]
+
+
+def _session_embeddings(engine, graph, parameters, requests):
+    from engine_builder.cpu_sessions import open_session
+
+    session = open_session(engine, graph, {"ENGINE": engine, **parameters}, 1)
+    try:
+        return session.run(requests, ["EMBEDDING"])[0]
+    finally:
+        session.close()
+
+
+def test_onnxruntime_sessions_split_a_batch_across_requests_and_join_it_in_order(fp32_graph, evaluation):
+    images, reference = evaluation
+    requests = [images[:3], images[3:5], images[5:6]]  # parts that cross the requests' edges
+    whole = _session_embeddings("onnxruntime", fp32_graph, {"STREAMS": "1"}, requests)
+    split = _session_embeddings("onnxruntime", fp32_graph, {"INTRA_OP_THREADS": "4", "STREAMS": "4"}, requests)
+    np.testing.assert_allclose(split, whole, atol=1e-5)
+    assert np.sum(split * reference[:6], axis=1).min() >= 0.9999
+
+
+@needs_openvino
+@pytest.mark.parametrize("chunk", ["1", "2", "4"])
+def test_openvino_chunks_pad_the_last_and_return_only_the_batch(fp32_graph, evaluation, chunk):
+    images, reference = evaluation
+    requests = [images[:3], images[3:5]]  # 5 images: a padded last chunk for 2 and 4
+    served = _session_embeddings("openvino", fp32_graph, {"INFERENCE_PRECISION_HINT": "f32", "CHUNK": chunk}, requests)
+    assert served.shape == (5, 512)
+    assert np.sum(served * reference[:5], axis=1).min() >= 0.9999
+
+
 # Every runtime's python-backend model in one repository, under names of their own; OpenVINO with
 # two streams (a batch split and joined back), with one, and as two instances.
 # name: (runtime, streams, instances, min cosine vs PyTorch FP32)

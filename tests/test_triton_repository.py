@@ -79,7 +79,7 @@ def test_openvino_config_carries_its_properties_and_the_batcher_its_preferred_si
     config = parse_config((tmp_path / name / "config.pbtxt").read_text())
     assert name == "osnet_x0_25_bf16" and served_tensor_model(tmp_path) == name
     assert {k: v.string_value for k, v in config.parameters.items() if k != "EXECUTION_ENV_PATH"} == {
-        "ENGINE": "openvino", "INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": "2",
+        "ENGINE": "openvino", "INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": "2", "CHUNK": "2",
         "INFERENCE_NUM_THREADS": "2"}
     assert list(config.dynamic_batching.preferred_batch_size) == [32]
     assert {p.name for p in (tmp_path / name / "1").iterdir()} >= {"model.py", "cpu_sessions.py", "contract.py", "batched_responses.py"}

@@ -34,4 +34,4 @@ class TritonPythonModel:
         return split_responses(requests, [len(item) for item in inputs], dict(zip(self.output_names, outputs)))
 
     def finalize(self):
-        self.session = None
+        self.session.close()
