@@ -12,7 +12,10 @@ eager; then, with ONNX Runtime FP32 and with the runtime auto picks:
 Each served row is measured side by side with its in-process twin, in alternating rounds: the
 ensemble at 8 x 1 with decode + model at batch 8, at 1 x 32 with batch 32; the tensor model with the
 model alone at batch 32.
-Then the budgets: how long the preprocessor takes over the most expensive request it accepts.
+Then the floor: the same served paths with `preprocess` and the tensor model replaced by a model that
+does nothing (benchmarks/do_nothing_model.py), what the serving path costs by itself; a served row can
+reach at most its twin's time over (that time + the floor's). Then the budgets: how long the
+preprocessor takes over the most expensive request it accepts.
 
 Frames and boxes (`--frames-only` runs these rows alone): a generated 1280x720 camera frame with 8 or
 32 people, through `osnet_frames` (one request per frame: the frame's JPEG and its boxes), against the
@@ -532,20 +535,132 @@ def print_frames_table(rows: list[FrameRow], seconds: float, rounds: int) -> Non
           f"of {rounds} rounds of {seconds / rounds:.1f} s.")
 
 
-def print_table(rows: list[Row], choices: dict[str, str], settings, seconds: float, rounds: int) -> None:
+@dataclass(frozen=True, kw_only=True)
+class FloorRow:
+    path: str
+    batch: int
+    clients: int
+    requests_per_s: float
+    server_cpu_ms: float  # tritonserver and its stubs, per request
+    client_cpu_ms: float  # the load generator, per request
+
+
+def serving_floor(seconds: float, workdir: Path, settings, load: ForeignLoad) -> list[FloorRow]:
+    """The served paths with `preprocess` and the tensor model replaced by a model that does nothing
+    (benchmarks/do_nothing_model.py), under the configs `osnet-build` writes: what serving costs by itself.
+    A served row can reach at most its in-process twin's time over (that time + this floor's)."""
+    from engine_builder.cpu_runtimes import RUNTIMES
+    from engine_builder.synthetic_people import person_jpegs
+    from engine_builder.triton_repository import write_cpu_models
+    from osnet_base.contract import EMBEDDING_NAME, ENSEMBLE_MODEL, IMAGE_NAME, INPUT_DATATYPE, INPUT_NAME, INPUT_SHAPE
+    from osnet_base.triton_server import TritonServerConfig, TritonServerProcess
+
+    repository = workdir / "do_nothing"
+    tensor_model = write_cpu_models(repository, "osnet_x0_25", settings, RUNTIMES[BASELINE_RUNTIME])
+    for step in ("preprocess", tensor_model):
+        shutil.copyfile(Path(__file__).with_name("do_nothing_model.py"), repository / step / "1" / "model.py")
+    jpegs = person_jpegs(BATCH * 2, cameras=3, seed=21)
+    pixels = np.random.default_rng(0).integers(0, 256, (BATCH, *INPUT_SHAPE), dtype=np.uint8)
+    rows = []
+    with TritonServerProcess(TritonServerConfig(model_repository=repository)) as server:
+        load.groups.add(server.pid)
+        calls, regions = PreparedCalls(server.grpc_url), SharedRegions(server.grpc_url)
+        try:
+            def jpeg_calls(size: int, clients: int) -> list[Callable[[], int]]:
+                requests = [calls.request(ENSEMBLE_MODEL, IMAGE_NAME, "BYTES", np.array([[j] for j in jpegs[s : s + size]], dtype=np.object_),
+                                          EMBEDDING_NAME) for s in range(0, len(jpegs), size)]
+                made = []
+                for _ in range(clients):
+                    stub, next_request = calls.stub(), cycling(requests)
+                    made.append(lambda stub=stub, next_request=next_request: (stub.ModelInfer(next_request()), size)[1])
+                return made
+
+            def tensor_calls(clients: int, shared: bool) -> list[Callable[[], int]]:
+                made = []
+                for _ in range(clients):
+                    stub = calls.stub()
+                    if not shared:
+                        request = calls.request(tensor_model, INPUT_NAME, INPUT_DATATYPE, pixels, EMBEDDING_NAME)
+                        made.append(lambda stub=stub, request=request: (stub.ModelInfer(request), BATCH)[1])
+                        continue
+                    name, handle = regions.create(pixels.nbytes)
+                    request = calls.request(tensor_model, INPUT_NAME, INPUT_DATATYPE, pixels, EMBEDDING_NAME, shared_region=name)
+
+                    def call(stub=stub, handle=handle, request=request) -> int:
+                        regions.write(handle, pixels)  # as the served rows' clients do
+                        stub.ModelInfer(request)
+                        return BATCH
+
+                    made.append(call)
+                return made
+
+            plan = [("ensemble, JPEG over gRPC", 1, CONCURRENCY, lambda: jpeg_calls(1, CONCURRENCY)),
+                    ("ensemble, JPEG over gRPC", BATCH, 1, lambda: jpeg_calls(BATCH, 1))]
+            for clients in (1, CONCURRENCY):
+                plan += [("tensor, gRPC", BATCH, clients, lambda clients=clients: tensor_calls(clients, False)),
+                         ("tensor, shared memory", BATCH, clients, lambda clients=clients: tensor_calls(clients, True))]
+            for path, batch, clients, make in plan:
+                made = make()
+
+                def run(made=made):
+                    for call in made:
+                        call()  # warm-up
+                    server_started, started = _group_cpu_s({server.pid}), time.perf_counter()
+                    images_per_s, client_cores = _one_round(made, seconds)
+                    requests = images_per_s / batch * (time.perf_counter() - started)
+                    return images_per_s, client_cores, (_group_cpu_s({server.pid}) - server_started) / requests
+
+                (images_per_s, client_cores, server_cpu_s), _ = load.measured_quietly(run)
+                requests_per_s = images_per_s / batch
+                server_cpu_ms = server_cpu_s * 1e3
+                rows.append(FloorRow(path=path, batch=batch, clients=clients, requests_per_s=requests_per_s,
+                                     server_cpu_ms=server_cpu_ms, client_cpu_ms=client_cores / requests_per_s * 1e3))
+                print(f"  do-nothing models  {path:<30} {batch:>2} x {clients}: {requests_per_s:8.1f} requests/s", flush=True)
+        finally:
+            calls.close()
+            regions.close()
+            load.groups.discard(server.pid)
+    return rows
+
+
+def print_floor_table(rows: list[FloorRow]) -> None:
+    print("\nThe serving path with models that do nothing (`preprocess` and the tensor model replaced by "
+          "benchmarks/do_nothing_model.py, the configs as `osnet-build` writes them):\n")
+    print("| path | images/request x clients | requests/s | ms per request | server CPU ms per request | load generator CPU ms per request |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row.path} | {row.batch} x {row.clients} | {row.requests_per_s:.0f} | {row.clients / row.requests_per_s * 1e3:.2f} | "
+              f"{row.server_cpu_ms:.3f} | {row.client_cpu_ms:.3f} |")
+
+
+def serving_bound(row: Row, floor: FloorRow) -> float:
+    """The highest ratio `row` could reach if serving cost no more than with models that do nothing:
+    one client waits for the floor's time per request on top of its twin's; several keep every core
+    busy and pay the floor's CPU per request (server and load generator) on top of the twin's."""
+    twin_ms = row.batch / row.in_process_images_per_s * 1e3
+    if row.clients == 1:
+        return twin_ms / (twin_ms + 1e3 / floor.requests_per_s)
+    twin_cpu_ms = twin_ms * os.cpu_count()
+    return twin_cpu_ms / (twin_cpu_ms + floor.server_cpu_ms + floor.client_cpu_ms)
+
+
+def print_table(rows: list[Row], floor_rows: list[FloorRow], choices: dict[str, str], settings, seconds: float, rounds: int) -> None:
     from osnet_base.triton_server import KEEP_LARGE_BUFFERS
 
+    floors = {(floor.path, floor.batch, floor.clients): floor for floor in floor_rows}
     print("\n| variant | runtime | path | images/request x clients | img/s | in-process, measured alongside | in-process img/s "
-          "| ratio | target | min cosine | load generator cores | others' cores |")
-    print("|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+          "| ratio | target | bound with do-nothing models | min cosine | load generator cores | others' cores |")
+    print("|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
+        floor = floors.get((row.path, row.batch, row.clients))
+        bound = f"{serving_bound(row, floor):.2f}" if floor is not None and row.in_process_images_per_s else "-"
         target = next((value for key, value in TARGETS.items() if row.path.startswith(key)), None)
         paired = row.in_process_images_per_s is not None
         ratio = row.images_per_s / row.in_process_images_per_s if paired else None
         verdict = "-" if not paired else f">= {target} ({'met' if ratio >= target else '**missed**'})"
         print(f"| {row.variant.removeprefix('osnet_')} | {row.runtime} | {row.path} | {row.batch} x {row.clients} | "
               f"{row.images_per_s:.1f} | {row.in_process or '-'} | {f'{row.in_process_images_per_s:.1f}' if paired else '-'} | "
-              f"{f'{ratio:.2f}' if paired else '-'} | {verdict} | "
+              f"{f'{ratio:.2f}' if paired else '-'} | {verdict} | {bound} | "
               f"{'-' if row.min_cosine is None else f'{row.min_cosine:.6f}'} | "
               f"{'-' if row.client_cores is None else f'{row.client_cores:.2f}'} | {row.foreign_cores:.2f} |")
     print()
@@ -648,8 +763,10 @@ def main() -> None:
                 variant_rows, choices[variant] = benchmark_variant(variant, args.seconds, args.rounds, Path(workdir), settings, load)
                 rows += variant_rows
             frame_rows += benchmark_frames(variant, args.seconds, args.rounds, Path(workdir), settings, load)
+        floor_rows = [] if args.frames_only else serving_floor(args.seconds / args.rounds, Path(workdir), settings, load)
         if rows:
-            print_table(rows, choices, settings, args.seconds, args.rounds)
+            print_floor_table(floor_rows)
+            print_table(rows, floor_rows, choices, settings, args.seconds, args.rounds)
         print_frames_table(frame_rows, args.seconds, args.rounds)
     if not args.frames_only:
         budget_rows(settings)
