@@ -233,9 +233,55 @@ class PreparedCalls:
         request.outputs.add(name=output)
         return request
 
+    def cycling_clients(self, requests: list, clients: int) -> list[Callable[[], int]]:
+        """`clients` callers, each on its own channel, each sending the next of `requests` at every call
+        and returning how many embeddings came back."""
+        made = []
+        for _ in range(clients):
+            stub, next_request = self.stub(), cycling(requests)
+            made.append(lambda stub=stub, next_request=next_request: embedding_count(stub.ModelInfer(next_request())))
+        return made
+
+    def jpeg_clients(self, jpegs: Sequence[bytes], size: int, clients: int) -> list[Callable[[], int]]:
+        """Clients of the `osnet` ensemble, `size` JPEGs a request."""
+        from osnet_base.contract import EMBEDDING_NAME, ENSEMBLE_MODEL, IMAGE_NAME
+
+        encoded = [np.array([[jpeg] for jpeg in jpegs[start : start + size]], dtype=np.object_) for start in range(0, len(jpegs), size)]
+        return self.cycling_clients([self.request(ENSEMBLE_MODEL, IMAGE_NAME, "BYTES", items, EMBEDDING_NAME) for items in encoded], clients)
+
+    def tensor_clients(self, model: str, pixels: np.ndarray, batches: Sequence[slice], clients: int) -> list[Callable[[], int]]:
+        """Clients of the tensor model, the pixels of one of `batches` in each request."""
+        from osnet_base.contract import EMBEDDING_NAME, INPUT_DATATYPE, INPUT_NAME
+
+        return self.cycling_clients([self.request(model, INPUT_NAME, INPUT_DATATYPE, pixels[part], EMBEDDING_NAME) for part in batches],
+                                    clients)
+
+    def shared_memory_clients(self, regions: SharedRegions, model: str, pixels: np.ndarray, batches: Sequence[slice],
+                              clients: int) -> list[Callable[[], int]]:
+        """The same with the pixels in a region of each client's own, written before every request."""
+        from osnet_base.contract import EMBEDDING_NAME, INPUT_DATATYPE, INPUT_NAME
+
+        made = []
+        for _ in range(clients):
+            name, handle = regions.create(pixels[batches[0]].nbytes)
+            request = self.request(model, INPUT_NAME, INPUT_DATATYPE, pixels[batches[0]], EMBEDDING_NAME, shared_region=name)
+            stub, next_part = self.stub(), cycling(batches)
+
+            def call(stub=stub, handle=handle, request=request, next_part=next_part) -> int:
+                regions.write(handle, pixels[next_part()])  # a real client's pixels are new every time
+                return embedding_count(stub.ModelInfer(request))
+
+            made.append(call)
+        return made
+
     def close(self) -> None:
         for channel in self._channels:
             channel.close()
+
+
+def embedding_count(response) -> int:
+    """Embeddings in a ModelInferResponse whose first output is EMBEDDING."""
+    return len(response.raw_output_contents[0]) // (4 * 512)
 
 
 class SharedRegions:
@@ -389,11 +435,6 @@ def benchmark_variant(variant: str, seconds: float, rounds: int, workdir: Path, 
 def served_rows(url, runtime_name, tensor_model, jpegs, pixels, reference, batches, calls, regions, record, load, seconds,
                 rounds, in_process) -> None:
     from client.embedding_client import EmbeddingClient
-    from osnet_base.contract import EMBEDDING_NAME, ENSEMBLE_MODEL, IMAGE_NAME, INPUT_DATATYPE, INPUT_NAME
-    from tritonclient.grpc import service_pb2
-
-    def embedding_count(response: service_pb2.ModelInferResponse) -> int:
-        return len(response.raw_output_contents[0]) // (4 * 512)
 
     with EmbeddingClient(url) as client:
         ensemble_cosine = min_cosine(np.concatenate([client.embed_images(jpegs[part]) for part in batches]), reference)
@@ -401,49 +442,20 @@ def served_rows(url, runtime_name, tensor_model, jpegs, pixels, reference, batch
     with EmbeddingClient(url, shared_memory=True) as client:
         shared_cosine = min_cosine(np.concatenate([client.embed_tensors(pixels[part], tensor_model) for part in batches]), reference)
 
-    def clients_cycling(requests: list, clients: int) -> list[Callable[[], int]]:
-        """`clients` callers, each on its own channel, each sending the next of `requests` at every call."""
-        made = []
-        for _ in range(clients):
-            stub, next_request = calls.stub(), cycling(requests)
-            made.append(lambda stub=stub, next_request=next_request: embedding_count(stub.ModelInfer(next_request())))
-        return made
-
-    def ensemble_calls(size: int, clients: int) -> list[Callable[[], int]]:
-        encoded = [np.array([[jpeg] for jpeg in jpegs[start : start + size]], dtype=np.object_) for start in range(0, len(jpegs), size)]
-        return clients_cycling([calls.request(ENSEMBLE_MODEL, IMAGE_NAME, "BYTES", items, EMBEDDING_NAME) for items in encoded], clients)
-
-    def tensor_calls(clients: int) -> list[Callable[[], int]]:
-        return clients_cycling([calls.request(tensor_model, INPUT_NAME, INPUT_DATATYPE, pixels[part], EMBEDDING_NAME)
-                                for part in batches], clients)
-
-    def shared_calls(clients: int) -> list[Callable[[], int]]:
-        made = []
-        for _ in range(clients):
-            name, handle = regions.create(pixels[batches[0]].nbytes)
-            request = calls.request(tensor_model, INPUT_NAME, INPUT_DATATYPE, pixels[batches[0]], EMBEDDING_NAME, shared_region=name)
-            stub, next_part = calls.stub(), cycling(batches)
-
-            def call(stub=stub, handle=handle, request=request, next_part=next_part) -> int:
-                regions.write(handle, pixels[next_part()])  # a real client's pixels are new every time
-                return embedding_count(stub.ModelInfer(request))
-
-            made.append(call)
-        return made
-
     def paired(twin: Callable[[], int], made: list[Callable[[], int]]):
         (twin_rate, _), served = measure_pair(twin, made, seconds, rounds)
         return twin_rate, served
 
     for size, clients in ((1, CONCURRENCY), (BATCH, 1)):
-        made = ensemble_calls(size, clients)
+        made = calls.jpeg_clients(jpegs, size, clients)
         (twin_rate, served), foreign = load.measured_quietly(lambda: paired(in_process["decode"][size * clients], made))
         record(runtime_name, "ensemble, JPEG over gRPC", size, clients, (served, foreign), ensemble_cosine,
                in_process=(f"decode + model, batch {size * clients}", twin_rate))
     model_twin, model_cosine = in_process["model"]
     for clients in (1, CONCURRENCY):
-        for path, made, cosine in (("tensor, gRPC", tensor_calls(clients), tensor_cosine),
-                                   ("tensor, shared memory", shared_calls(clients), shared_cosine)):
+        for path, made, cosine in (("tensor, gRPC", calls.tensor_clients(tensor_model, pixels, batches, clients), tensor_cosine),
+                                   ("tensor, shared memory", calls.shared_memory_clients(regions, tensor_model, pixels, batches, clients),
+                                    shared_cosine)):
             (twin_rate, served), foreign = load.measured_quietly(lambda: paired(model_twin, made))
             record(runtime_name, path, BATCH, clients, (served, foreign), cosine, in_process=(f"model, batch {BATCH}", twin_rate))
     print(f"  ({runtime_name} in-process model: min cosine {model_cosine:.6f})", flush=True)
@@ -552,7 +564,7 @@ def serving_floor(seconds: float, workdir: Path, settings, load: ForeignLoad) ->
     from engine_builder.cpu_runtimes import RUNTIMES
     from engine_builder.synthetic_people import person_jpegs
     from engine_builder.triton_repository import write_cpu_models
-    from osnet_base.contract import EMBEDDING_NAME, ENSEMBLE_MODEL, IMAGE_NAME, INPUT_DATATYPE, INPUT_NAME, INPUT_SHAPE
+    from osnet_base.contract import INPUT_SHAPE
     from osnet_base.triton_server import TritonServerConfig, TritonServerProcess
 
     repository = workdir / "do_nothing"
@@ -566,53 +578,24 @@ def serving_floor(seconds: float, workdir: Path, settings, load: ForeignLoad) ->
         load.groups.add(server.pid)
         calls, regions = PreparedCalls(server.grpc_url), SharedRegions(server.grpc_url)
         try:
-            def jpeg_calls(size: int, clients: int) -> list[Callable[[], int]]:
-                requests = [calls.request(ENSEMBLE_MODEL, IMAGE_NAME, "BYTES", np.array([[j] for j in jpegs[s : s + size]], dtype=np.object_),
-                                          EMBEDDING_NAME) for s in range(0, len(jpegs), size)]
-                made = []
-                for _ in range(clients):
-                    stub, next_request = calls.stub(), cycling(requests)
-                    made.append(lambda stub=stub, next_request=next_request: (stub.ModelInfer(next_request()), size)[1])
-                return made
-
-            def tensor_calls(clients: int, shared: bool) -> list[Callable[[], int]]:
-                made = []
-                for _ in range(clients):
-                    stub = calls.stub()
-                    if not shared:
-                        request = calls.request(tensor_model, INPUT_NAME, INPUT_DATATYPE, pixels, EMBEDDING_NAME)
-                        made.append(lambda stub=stub, request=request: (stub.ModelInfer(request), BATCH)[1])
-                        continue
-                    name, handle = regions.create(pixels.nbytes)
-                    request = calls.request(tensor_model, INPUT_NAME, INPUT_DATATYPE, pixels, EMBEDDING_NAME, shared_region=name)
-
-                    def call(stub=stub, handle=handle, request=request) -> int:
-                        regions.write(handle, pixels)  # as the served rows' clients do
-                        stub.ModelInfer(request)
-                        return BATCH
-
-                    made.append(call)
-                return made
-
-            plan = [("ensemble, JPEG over gRPC", 1, CONCURRENCY, lambda: jpeg_calls(1, CONCURRENCY)),
-                    ("ensemble, JPEG over gRPC", BATCH, 1, lambda: jpeg_calls(BATCH, 1))]
+            whole = [slice(0, BATCH)]
+            plan = [("ensemble, JPEG over gRPC", 1, CONCURRENCY, calls.jpeg_clients(jpegs, 1, CONCURRENCY)),
+                    ("ensemble, JPEG over gRPC", BATCH, 1, calls.jpeg_clients(jpegs, BATCH, 1))]
             for clients in (1, CONCURRENCY):
-                plan += [("tensor, gRPC", BATCH, clients, lambda clients=clients: tensor_calls(clients, False)),
-                         ("tensor, shared memory", BATCH, clients, lambda clients=clients: tensor_calls(clients, True))]
-            for path, batch, clients, make in plan:
-                made = make()
+                plan += [("tensor, gRPC", BATCH, clients, calls.tensor_clients(tensor_model, pixels, whole, clients)),
+                         ("tensor, shared memory", BATCH, clients, calls.shared_memory_clients(regions, tensor_model, pixels, whole, clients))]
+            for path, batch, clients, made in plan:
 
-                def run(made=made):
+                def run(made=made, batch=batch):
                     for call in made:
                         call()  # warm-up
                     server_started, started = _group_cpu_s({server.pid}), time.perf_counter()
                     images_per_s, client_cores = _one_round(made, seconds)
                     requests = images_per_s / batch * (time.perf_counter() - started)
-                    return images_per_s, client_cores, (_group_cpu_s({server.pid}) - server_started) / requests
+                    return images_per_s, client_cores, (_group_cpu_s({server.pid}) - server_started) / requests * 1e3
 
-                (images_per_s, client_cores, server_cpu_s), _ = load.measured_quietly(run)
+                (images_per_s, client_cores, server_cpu_ms), _ = load.measured_quietly(run)
                 requests_per_s = images_per_s / batch
-                server_cpu_ms = server_cpu_s * 1e3
                 rows.append(FloorRow(path=path, batch=batch, clients=clients, requests_per_s=requests_per_s,
                                      server_cpu_ms=server_cpu_ms, client_cpu_ms=client_cores / requests_per_s * 1e3))
                 print(f"  do-nothing models  {path:<30} {batch:>2} x {clients}: {requests_per_s:8.1f} requests/s", flush=True)

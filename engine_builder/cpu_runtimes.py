@@ -325,7 +325,7 @@ def write_runtime_choice(directory: Path, choice: RuntimeChoice) -> tuple[Path, 
         choice.reason + ".",
         "",
         f"CPU capabilities (OpenVINO): {', '.join(choice.cpu_capabilities) or 'unknown'}; "
-        f"threads {choice.threads or 'runtime default'}, OpenVINO streams {choice.streams or 'THROUGHPUT hint default'}{load}.",
+        f"threads {choice.threads or 'runtime default'}, streams {choice.streams or 'runtime default'}{load}.",
         f"Floor against PyTorch FP32: mean cosine >= {choice.floor.min_mean_cosine}, min >= {choice.floor.min_cosine}, "
         f"top-1 agreement >= {choice.floor.min_top1_agreement}.",
         "",

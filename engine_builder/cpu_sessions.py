@@ -43,10 +43,6 @@ def stream_parts(inputs, streams):
     return parts
 
 
-def _cores():
-    return len(os.sched_getaffinity(0))
-
-
 class OnnxRuntimeSession:
     """ONNX Runtime on the CPU: STREAMS sessions (default: one per thread), the instance's INTRA_OP_THREADS
     (default: a thread per core) shared out between them, no inter-op pool. A batch is cut into one part
@@ -58,7 +54,7 @@ class OnnxRuntimeSession:
     def __init__(self, model_path, parameters, instances):
         import onnxruntime as ort
 
-        threads = int(parameters.get("INTRA_OP_THREADS", _cores()))
+        threads = int(parameters.get("INTRA_OP_THREADS", len(os.sched_getaffinity(0))))
         streams = int(parameters.get("STREAMS", threads))
         options = ort.SessionOptions()
         options.inter_op_num_threads = 1
@@ -109,11 +105,10 @@ class OpenVinoSession:
         shape[0] = self.chunk
         model.reshape({model.inputs[0]: shape})
         self.compiled = core.compile_model(model, "CPU", dict(self.properties))
-        self.streams = int(self.compiled.get_property("NUM_STREAMS"))
-        self.requests = []
+        self.requests = []  # one per chunk of the largest batch so far
         self.input_name = self.compiled.inputs[0].get_any_name()
         self.properties["CHUNK"] = str(self.chunk)
-        self.version = (f"OpenVINO {ov.get_version()}, {self.streams} stream(s) x "
+        self.version = (f"OpenVINO {ov.get_version()}, {int(self.compiled.get_property('NUM_STREAMS'))} stream(s) x "
                         f"{self.compiled.get_property('INFERENCE_NUM_THREADS')} threads, chunks of {self.chunk}")
 
     def run(self, inputs, output_names):
@@ -127,7 +122,7 @@ class OpenVinoSession:
             part = batch[index * chunk : (index + 1) * chunk]
             if len(part) < chunk:
                 part = np.concatenate([part, np.zeros((chunk - len(part), *part.shape[1:]), part.dtype)])
-            # share_inputs: OpenVINO reads the parts where they are (Triton's shared memory), no copy.
+            # share_inputs: OpenVINO reads a chunk where it is (for a batch of one request: Triton's shared memory), no copy.
             request.start_async({self.input_name: part}, share_inputs=True)
         for request in running:
             request.wait()

@@ -73,8 +73,9 @@ class CpuRepositorySettings:
     # Threads of each tensor-model instance: ONNX Runtime's intra-op threads, OpenVINO's INFERENCE_NUM_THREADS.
     # None: see `threads_per_instance`.
     intra_op_threads: int | None = None
-    # OpenVINO streams per instance: a batch is split over them and its parts run in parallel.
-    # None: as many as OpenVINO's THROUGHPUT hint picks for this CPU (see CpuRuntime.config_parameters).
+    # Streams per instance: a batch is split over them and its parts run in parallel. None: for ONNX
+    # Runtime a session per thread, for OpenVINO as many as its THROUGHPUT hint picks for this CPU (see
+    # CpuRuntime.config_parameters).
     streams: int | None = None
     max_queue_delay_us: int = 100
     # Batch sizes the tensor model's dynamic batcher aims for; empty: as large as the queue allows.
