@@ -111,9 +111,11 @@ def test_nginx_accepts_the_written_config(tmp_path):
 def test_pool_spreads_requests_retries_elsewhere_and_readmits_a_restarted_server(repository, tmp_path, capsys):
     from client.cli import main as client_main
 
-    port = find_free_port()
-    steady, flaky = serve(repository), serve(repository, grpc_port=port)
+    steady, flaky = serve(repository), None
     try:
+        # Chosen once steady listens: picked before, it was free for steady's own ports to take too.
+        port = find_free_port()
+        flaky = serve(repository, grpc_port=port)
         # osnet-client: --url repeated or comma-separated; health runs the real-inference check on each server.
         assert client_main(["health", "--url", steady.grpc_url, "--url", flaky.grpc_url]) == 0
         assert '"healthy": true' in capsys.readouterr().out
@@ -156,7 +158,8 @@ def test_pool_spreads_requests_retries_elsewhere_and_readmits_a_restarted_server
                 reborn.stop()
     finally:
         steady.stop()
-        flaky.stop()
+        if flaky is not None:
+            flaky.stop()
 
 
 @pytest.mark.server
