@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine_builder.cpu_sessions import OPENVINO_CHUNK, open_session
+from engine_builder.cpu_sessions import ONNXRUNTIME_PART_IMAGES, OPENVINO_CHUNK, open_session
 from engine_builder.precision import CALIBRATION_METHODS, CPU_CALIBRATION_METHOD, PrecisionFloor, compare_with_fp32
 from osnet_base.contract import DEFAULT_RUNTIME, EMBEDDING_NAME
 from osnet_base.errors import OsnetTritonError
@@ -89,10 +89,10 @@ class CpuRuntime:
         thread each). On 2 cores that measured 5-10% above one 2-thread stream in-process for OpenVINO
         BF16, 2-18% for ONNX Runtime, and under concurrent load it loses less to the load generator: a
         preempted thread stalls its own stream, not every layer. OpenVINO runs fixed chunks of
-        `OPENVINO_CHUNK` images (see cpu_sessions.OpenVinoSession).
+        `OPENVINO_CHUNK` images, ONNX Runtime parts of `ONNXRUNTIME_PART_IMAGES` (see cpu_sessions).
         """
         if self.engine == "onnxruntime":
-            parameters = {"ENGINE": self.engine}
+            parameters = {"ENGINE": self.engine, "PART_IMAGES": str(ONNXRUNTIME_PART_IMAGES)}
             if threads is not None:
                 parameters["INTRA_OP_THREADS"] = str(threads)
             if streams is not None:

@@ -9,8 +9,9 @@ here. It runs inside Triton's python-backend stub, so it imports only NumPy and 
 writes into config.pbtxt); `instances` is the model's instance count, since each instance is a stub
 process of its own and what suits one process does not suit several.
 """
+import itertools
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
@@ -19,15 +20,19 @@ import numpy as np
 # batches of 1-8 in turn 246 / 181 / -, steady 32: 323 / 353 / -. Small chunks suit dynamic batching's
 # small, changing batches; padding a chunk costs little at 2.
 OPENVINO_CHUNK = 2
+# Images per ONNX Runtime run (see OnnxRuntimeSession). One single-threaded session, osnet_x1_0, 2 cores:
+# 92 img/s at batches of 2-4, 78 at 16, 70 at 32 (a small batch's activations stay in cache). Two sessions
+# on batch 32, in alternating rounds, parts of 4 against halves of 16: osnet_x1_0 149-163 against 90-125
+# img/s, osnet_x0_25 957-1041 against 800-1054; on batch 64, 1096-1234 against 946-1021 (osnet_x0_25).
+ONNXRUNTIME_PART_IMAGES = 4
 OPENVINO_PROPERTIES = ("INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT", "NUM_STREAMS", "INFERENCE_NUM_THREADS")
 
 
-def stream_parts(inputs, streams):
-    """The batch that `inputs` (one array per request, in order) make, cut into at most `streams`
-    contiguous parts of near-equal size. A part inside one request is a view of it; only a part
-    spanning several requests is copied: two batch-32 requests on two streams are not concatenated."""
+def batch_parts(inputs, count):
+    """The batch that `inputs` (one array per request, in order) make, cut into `count` contiguous parts
+    of near-equal size. A part inside one request is a view of it; only a part spanning several
+    requests is copied: a batch-32 request is not concatenated with its neighbours."""
     total = sum(len(batch) for batch in inputs)
-    count = min(streams, total)
     sizes = [total // count + (part < total % count) for part in range(count)]
     parts, index, offset = [], 0, 0
     for size in sizes:
@@ -45,34 +50,50 @@ def stream_parts(inputs, streams):
 
 class OnnxRuntimeSession:
     """ONNX Runtime on the CPU: STREAMS sessions (default: one per thread), the instance's INTRA_OP_THREADS
-    (default: a thread per core) shared out between them, no inter-op pool. A batch is cut into one part
-    per session and the parts run at once. One session of 2 threads waits at every layer for its slower
-    thread, so a thread preempted by the server or the decoder stalls the whole batch; single-threaded
-    sessions run on their own (osnet_x0_25, 2 cores, in-process: 836 against 708 img/s at batch 8,
-    865 against 831 at batch 32; osnet_x1_0 130 against 124 at batch 8)."""
+    (default: a thread per core) shared out between them, no inter-op pool.
+
+    A batch is cut into parts of about PART_IMAGES images (and at least one part per session), and each
+    session takes the next part as soon as it is done with its last. Sessions of one thread each run on
+    their own: one session of 2 threads waits at every layer for its slower thread. Taking parts in
+    turn means that a session preempted by the server, the decoder or a client does fewer parts while
+    the others do more, instead of the whole batch waiting for it."""
 
     def __init__(self, model_path, parameters, instances):
         import onnxruntime as ort
 
         threads = int(parameters.get("INTRA_OP_THREADS", len(os.sched_getaffinity(0))))
         streams = int(parameters.get("STREAMS", threads))
+        self.part_images = int(parameters.get("PART_IMAGES", ONNXRUNTIME_PART_IMAGES))
         options = ort.SessionOptions()
         options.inter_op_num_threads = 1
         options.intra_op_num_threads = max(1, threads // streams)
         self.sessions = [ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"]) for _ in range(streams)]
-        # The caller runs the first part itself.
+        # The caller works through the parts too.
         self.pool = ThreadPoolExecutor(max_workers=streams - 1, thread_name_prefix="onnxruntime") if streams > 1 else None
         self.input_name = self.sessions[0].get_inputs()[0].name
         self.properties = {"inter_op_num_threads": "1", "intra_op_num_threads": str(options.intra_op_num_threads),
-                           "sessions": str(streams)}
-        self.version = f"ONNX Runtime {ort.__version__}, {streams} session(s) x {options.intra_op_num_threads} thread(s)"
+                           "sessions": str(streams), "PART_IMAGES": str(self.part_images)}
+        self.version = (f"ONNX Runtime {ort.__version__}, {streams} session(s) x {options.intra_op_num_threads} thread(s), "
+                        f"parts of {self.part_images}")
 
     def run(self, inputs, output_names):
         """`output_names` for the requests' `inputs` (one array each) taken as one batch."""
-        parts = stream_parts(inputs, len(self.sessions))
-        jobs = [self.pool.submit(session.run, output_names, {self.input_name: part})
-                for session, part in zip(self.sessions[1:], parts[1:])]
-        results = [self.sessions[0].run(output_names, {self.input_name: parts[0]}), *(job.result() for job in jobs)]
+        total = sum(len(batch) for batch in inputs)
+        parts = batch_parts(inputs, max(min(len(self.sessions), total), -(-total // self.part_images)))
+        results = [None] * len(parts)
+        claims = itertools.count()  # next() on it is atomic: each part is claimed once
+
+        def take_parts(session):
+            while (index := next(claims)) < len(parts):
+                results[index] = session.run(output_names, {self.input_name: parts[index]})
+
+        helpers = [self.pool.submit(take_parts, session) for session in self.sessions[1 : len(parts)]]
+        try:
+            take_parts(self.sessions[0])
+        finally:
+            wait(helpers)  # none may still be writing `results` when this call returns or raises
+        for helper in helpers:
+            helper.result()
         if len(results) == 1:
             return results[0]
         return [np.concatenate([result[index] for result in results]) for index in range(len(output_names))]

@@ -184,13 +184,30 @@ def _session_embeddings(engine, graph, parameters, requests):
         session.close()
 
 
-def test_onnxruntime_sessions_split_a_batch_across_requests_and_join_it_in_order(fp32_graph, evaluation):
+# (sessions, images per part): as many parts as sessions; more parts than sessions, taken in turn.
+@pytest.mark.parametrize(("streams", "part_images"), [("4", "4"), ("2", "1")])
+def test_onnxruntime_sessions_split_a_batch_across_requests_and_join_it_in_order(fp32_graph, evaluation, streams, part_images):
     images, reference = evaluation
     requests = [images[:3], images[3:5], images[5:6]]  # parts that cross the requests' edges
-    whole = _session_embeddings("onnxruntime", fp32_graph, {"STREAMS": "1"}, requests)
-    split = _session_embeddings("onnxruntime", fp32_graph, {"INTRA_OP_THREADS": "4", "STREAMS": "4"}, requests)
+    whole = _session_embeddings("onnxruntime", fp32_graph, {"STREAMS": "1", "PART_IMAGES": "64"}, requests)
+    split = _session_embeddings("onnxruntime", fp32_graph, {"INTRA_OP_THREADS": streams, "STREAMS": streams,
+                                                            "PART_IMAGES": part_images}, requests)
     np.testing.assert_allclose(split, whole, atol=1e-5)
     assert np.sum(split * reference[:6], axis=1).min() >= 0.9999
+
+
+def test_onnxruntime_session_that_failed_a_batch_runs_the_next(fp32_graph, evaluation):
+    from engine_builder.cpu_sessions import open_session
+
+    images, reference = evaluation
+    session = open_session("onnxruntime", fp32_graph, {"ENGINE": "onnxruntime", "STREAMS": "2", "PART_IMAGES": "1"}, 1)
+    try:
+        with pytest.raises(Exception, match="data type"):  # ONNX Runtime's own error
+            session.run([images[:3].astype(np.float32)], ["EMBEDDING"])
+        embeddings = session.run([images[:4]], ["EMBEDDING"])[0]
+    finally:
+        session.close()
+    assert np.sum(embeddings * reference[:4], axis=1).min() >= 0.9999
 
 
 @needs_openvino
