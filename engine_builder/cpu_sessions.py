@@ -28,6 +28,15 @@ ONNXRUNTIME_PART_IMAGES = 4
 OPENVINO_PROPERTIES = ("INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT", "NUM_STREAMS", "INFERENCE_NUM_THREADS")
 
 
+def positive_parameter(parameters, name, default):
+    """A count from the config: refused when the model loads (so the server never reports it ready), not at
+    its first request."""
+    value = int(parameters.get(name, default))
+    if value < 1:
+        raise ValueError(f"config parameter {name} must be >= 1, got {value}")
+    return value
+
+
 def batch_parts(inputs, count):
     """The batch that `inputs` (one array per request, in order) make, cut into `count` contiguous parts
     of near-equal size. A part inside one request is a view of it; only a part spanning several
@@ -63,7 +72,7 @@ class OnnxRuntimeSession:
 
         threads = int(parameters.get("INTRA_OP_THREADS", len(os.sched_getaffinity(0))))
         streams = int(parameters.get("STREAMS", threads))
-        self.part_images = int(parameters.get("PART_IMAGES", ONNXRUNTIME_PART_IMAGES))
+        self.part_images = positive_parameter(parameters, "PART_IMAGES", ONNXRUNTIME_PART_IMAGES)
         options = ort.SessionOptions()
         options.inter_op_num_threads = 1
         options.intra_op_num_threads = max(1, threads // streams)
@@ -121,7 +130,7 @@ class OpenVinoSession:
             self.properties["ENABLE_CPU_PINNING"] = "NO"
         core = ov.Core()
         model = core.read_model(str(model_path))
-        self.chunk = int(parameters.get("CHUNK", OPENVINO_CHUNK))
+        self.chunk = positive_parameter(parameters, "CHUNK", OPENVINO_CHUNK)
         shape = model.inputs[0].get_partial_shape()
         shape[0] = self.chunk
         model.reshape({model.inputs[0]: shape})

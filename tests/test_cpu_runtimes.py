@@ -196,6 +196,14 @@ def test_onnxruntime_sessions_split_a_batch_across_requests_and_join_it_in_order
     assert np.sum(split * reference[:6], axis=1).min() >= 0.9999
 
 
+@pytest.mark.parametrize(("engine", "parameter"), [("onnxruntime", "PART_IMAGES"), pytest.param("openvino", "CHUNK", marks=needs_openvino)])
+def test_a_session_refuses_a_count_below_one_when_it_opens(fp32_graph, engine, parameter):
+    from engine_builder.cpu_sessions import open_session
+
+    with pytest.raises(ValueError, match=f"{parameter} must be >= 1, got 0"):
+        open_session(engine, fp32_graph, {"ENGINE": engine, parameter: "0"}, 1)
+
+
 def test_onnxruntime_session_that_failed_a_batch_runs_the_next(fp32_graph, evaluation):
     from engine_builder.cpu_sessions import open_session
 

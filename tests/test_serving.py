@@ -121,8 +121,10 @@ def _try_embed(url: str, payload: bytes) -> str:
         ((1, 3, 256, 128), "UINT8", "unexpected shape for input 'INPUT'"),
         ((1, 256, 128, 3), "FP32", "data-type is 'FP32'"),
         ((65, 256, 128, 3), "UINT8", "batch-size must be <= 64"),
+        # Triton reads a batch dimension of 0 as 1 and finds no bytes: the model never sees an empty batch.
+        ((0, 256, 128, 3), "UINT8", "input byte size mismatch"),
     ],
-    ids=["wrong_shape", "old_layout", "wrong_dtype", "batch_too_large"],
+    ids=["wrong_shape", "old_layout", "wrong_dtype", "batch_too_large", "empty_batch"],
 )
 def test_wrong_tensor_is_refused_with_a_clear_message(triton_server, client, shape, datatype, message, tensor_model):
     raw = grpcclient.InferenceServerClient(triton_server.grpc_url)
