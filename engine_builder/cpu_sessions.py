@@ -70,8 +70,8 @@ class OnnxRuntimeSession:
     def __init__(self, model_path, parameters, instances):
         import onnxruntime as ort
 
-        threads = int(parameters.get("INTRA_OP_THREADS", len(os.sched_getaffinity(0))))
-        streams = int(parameters.get("STREAMS", threads))
+        threads = positive_parameter(parameters, "INTRA_OP_THREADS", len(os.sched_getaffinity(0)))
+        streams = positive_parameter(parameters, "STREAMS", threads)
         self.part_images = positive_parameter(parameters, "PART_IMAGES", ONNXRUNTIME_PART_IMAGES)
         options = ort.SessionOptions()
         options.inter_op_num_threads = 1
@@ -128,9 +128,9 @@ class OpenVinoSession:
             # Each instance's OpenVINO would pin its threads to the same first cores (measured: 2
             # instances ran at half the speed of 1).
             self.properties["ENABLE_CPU_PINNING"] = "NO"
+        self.chunk = positive_parameter(parameters, "CHUNK", OPENVINO_CHUNK)
         core = ov.Core()
         model = core.read_model(str(model_path))
-        self.chunk = positive_parameter(parameters, "CHUNK", OPENVINO_CHUNK)
         shape = model.inputs[0].get_partial_shape()
         shape[0] = self.chunk
         model.reshape({model.inputs[0]: shape})

@@ -196,7 +196,9 @@ def test_onnxruntime_sessions_split_a_batch_across_requests_and_join_it_in_order
     assert np.sum(split * reference[:6], axis=1).min() >= 0.9999
 
 
-@pytest.mark.parametrize(("engine", "parameter"), [("onnxruntime", "PART_IMAGES"), pytest.param("openvino", "CHUNK", marks=needs_openvino)])
+@pytest.mark.parametrize(("engine", "parameter"), [("onnxruntime", "PART_IMAGES"), ("onnxruntime", "STREAMS"),
+                                                    ("onnxruntime", "INTRA_OP_THREADS"),
+                                                    pytest.param("openvino", "CHUNK", marks=needs_openvino)])
 def test_a_session_refuses_a_count_below_one_when_it_opens(fp32_graph, engine, parameter):
     from engine_builder.cpu_sessions import open_session
 
