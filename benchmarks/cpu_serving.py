@@ -9,13 +9,12 @@ eager; then, with ONNX Runtime FP32 and with the runtime auto picks:
   ensemble from JPEG bytes as 8 clients x 1 image (dynamic batching does the batching) and 1 client
   x 32 images; the tensor model from uint8 pixels, 1 and 8 clients x 32 images, over gRPC and with
   the pixels in Triton system shared memory (a client on the server's host).
-Each served row is measured side by side with its in-process twin, in alternating rounds: the
-ensemble at 8 x 1 with decode + model at batch 8, at 1 x 32 with batch 32; the tensor model with the
-model alone at batch 32.
-Then the floor: the same served paths with `preprocess` and the tensor model replaced by a model that
-does nothing (benchmarks/do_nothing_model.py), what the serving path costs by itself; a served row can
-reach at most its twin's time over (that time + the floor's). Then the budgets: how long the
-preprocessor takes over the most expensive request it accepts.
+Each served row is measured side by side with its in-process twin and its floor, in alternating
+rounds: the ensemble at 8 x 1 with decode + model at batch 8, at 1 x 32 with batch 32; the tensor
+model with the model alone at batch 32. The floor is the same served path on a second server whose
+`preprocess` and tensor model do nothing (benchmarks/do_nothing_model.py): what the serving path
+costs by itself; the row can reach at most its twin's time over (that time + the floor's). Then the
+budgets: how long the preprocessor takes over the most expensive request it accepts.
 
 Frames and boxes (`--frames-only` runs these rows alone): a generated 1280x720 camera frame with 8 or
 32 people, through `osnet_frames` (one request per frame: the frame's JPEG and its boxes), against the
@@ -47,13 +46,17 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 
+from osnet_base.contract import FEATURE_DIM
+
 BATCH, CONCURRENCY = 32, 8
+EMBEDDING_ROW_BYTES = 4 * FEATURE_DIM
 BASELINE_RUNTIME = "onnxruntime-fp32"
 BOXES_PER_FRAME = (8, 32)
 FRAME_WIDTH, FRAME_HEIGHT, FRAME_JPEG_QUALITY = 1280, 720, 90
@@ -61,7 +64,16 @@ TARGETS = {"ensemble": 0.8, "tensor, gRPC": 0.9, "tensor, shared memory": 0.95}
 # Above this many cores busy with other people's work, a row is not a measurement of ours.
 QUIET_CORES = 0.1
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+CORES = len(os.sched_getaffinity(0))  # what the servers and the load generator share
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Floor:
+    """A served path with models that do nothing, measured in the same rounds as the row it bounds."""
+    requests_per_s: float
+    server_cpu_ms: float  # tritonserver and its stubs, per request
+    client_cpu_ms: float  # the load generator, per request
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +89,7 @@ class Row:
     min_cosine: float | None
     client_cores: float | None  # served rows: what the load generator (this process) used
     foreign_cores: float
+    floor: Floor | None = None  # served rows: the same path with models that do nothing, measured alongside
 
 
 def _system_busy_s() -> float:
@@ -168,17 +181,19 @@ def measure(calls: Sequence[Callable[[], int]], seconds: float, rounds: int) -> 
     return max((_one_round(calls, seconds / rounds) for _ in range(rounds)), key=lambda result: result[0])
 
 
-def measure_pair(in_process: Callable[[], int], served: Sequence[Callable[[], int]], seconds: float,
-                 rounds: int) -> tuple[tuple[float, float], tuple[float, float]]:
-    """The in-process work and its served twin in alternating rounds, the best round of each: the ratio
-    of the two is taken side by side, whatever the machine's speed does over the run."""
+def measure_side_by_side(in_process: Callable[[], int], served: Sequence[Callable[[], int]],
+                         floor_round: Callable[[float], Floor], seconds: float,
+                         rounds: int) -> tuple[tuple[float, float], tuple[float, float], Floor]:
+    """The in-process work, its served twin and the twin's floor in alternating rounds, the best round
+    of each: the ratio and the bound are taken side by side, whatever the machine's speed does over the run."""
     for call in (in_process, *served):
         call()
-    best_in, best_served = (0.0, 0.0), (0.0, 0.0)
+    best_in, best_served, floors = (0.0, 0.0), (0.0, 0.0), []
     for _ in range(rounds):
         best_in = max(best_in, _one_round([in_process], seconds / rounds), key=lambda result: result[0])
         best_served = max(best_served, _one_round(served, seconds / rounds), key=lambda result: result[0])
-    return best_in, best_served
+        floors.append(floor_round(seconds / rounds))
+    return best_in, best_served, max(floors, key=lambda floor: floor.requests_per_s)
 
 
 def min_cosine(embeddings: np.ndarray, reference: np.ndarray) -> float:
@@ -280,8 +295,8 @@ class PreparedCalls:
 
 
 def embedding_count(response) -> int:
-    """Embeddings in a ModelInferResponse whose first output is EMBEDDING."""
-    return len(response.raw_output_contents[0]) // (4 * 512)
+    """Embeddings in a ModelInferResponse whose first output is EMBEDDING (FP32 rows of FEATURE_DIM)."""
+    return len(response.raw_output_contents[0]) // EMBEDDING_ROW_BYTES
 
 
 class SharedRegions:
@@ -333,7 +348,8 @@ class InProcessPipeline:
         self.decoder.close()
 
 
-def benchmark_variant(variant: str, seconds: float, rounds: int, workdir: Path, settings, load: ForeignLoad) -> tuple[list[Row], str]:
+def benchmark_variant(variant: str, seconds: float, rounds: int, workdir: Path, settings, load: ForeignLoad,
+                      floor: DoNothingServer) -> tuple[list[Row], str]:
     import torch
 
     from engine_builder.build import make_cpu_graphs, pytorch_embeddings
@@ -358,12 +374,12 @@ def benchmark_variant(variant: str, seconds: float, rounds: int, workdir: Path, 
     rows: list[Row] = []
 
     def record(runtime: str, path: str, batch: int, clients: int, measured: tuple[tuple[float, float], float],
-               cosine: float | None, in_process: tuple[str, float] | None = None) -> None:
+               cosine: float | None, in_process: tuple[str, float] | None = None, floor: Floor | None = None) -> None:
         (rate, cores), foreign = measured
         served = in_process is not None
         rows.append(Row(variant=variant, runtime=runtime, path=path, batch=batch, clients=clients, images_per_s=rate,
                         in_process=in_process[0] if served else None, in_process_images_per_s=in_process[1] if served else None,
-                        min_cosine=cosine, client_cores=cores if served else None, foreign_cores=foreign))
+                        min_cosine=cosine, client_cores=cores if served else None, foreign_cores=foreign, floor=floor))
         extra = f"  load generator {cores:.2f} cores; in-process {in_process[0]}: {in_process[1]:.1f} img/s" if served else ""
         print(f"  {variant:<12} {runtime:<17} {path:<30} {batch:>2} x {clients}: {rate:8.1f} img/s  min cosine "
               f"{cosine if cosine is not None else float('nan'):.6f}{extra}  (others: {foreign:.2f} cores)", flush=True)
@@ -423,7 +439,7 @@ def benchmark_variant(variant: str, seconds: float, rounds: int, workdir: Path, 
             calls, regions = PreparedCalls(server.grpc_url), SharedRegions(server.grpc_url)
             try:
                 served_rows(server.grpc_url, runtime_name, tensor_model, jpegs, pixels, reference, batches, calls, regions,
-                            record, load, seconds, rounds, in_process)
+                            record, load, seconds, rounds, in_process, floor)
             finally:
                 calls.close()
                 regions.close()
@@ -433,7 +449,7 @@ def benchmark_variant(variant: str, seconds: float, rounds: int, workdir: Path, 
 
 
 def served_rows(url, runtime_name, tensor_model, jpegs, pixels, reference, batches, calls, regions, record, load, seconds,
-                rounds, in_process) -> None:
+                rounds, in_process, floor: DoNothingServer) -> None:
     from client.embedding_client import EmbeddingClient
 
     with EmbeddingClient(url) as client:
@@ -442,22 +458,25 @@ def served_rows(url, runtime_name, tensor_model, jpegs, pixels, reference, batch
     with EmbeddingClient(url, shared_memory=True) as client:
         shared_cosine = min_cosine(np.concatenate([client.embed_tensors(pixels[part], tensor_model) for part in batches]), reference)
 
-    def paired(twin: Callable[[], int], made: list[Callable[[], int]]):
-        (twin_rate, _), served = measure_pair(twin, made, seconds, rounds)
-        return twin_rate, served
+    def side_by_side(twin: Callable[[], int], made: list[Callable[[], int]], path: str, batch: int, clients: int):
+        (twin_rate, _), served, path_floor = measure_side_by_side(twin, made, floor.round_of(path, batch, clients), seconds, rounds)
+        return twin_rate, served, path_floor
 
+    path = "ensemble, JPEG over gRPC"
     for size, clients in ((1, CONCURRENCY), (BATCH, 1)):
         made = calls.jpeg_clients(jpegs, size, clients)
-        (twin_rate, served), foreign = load.measured_quietly(lambda: paired(in_process["decode"][size * clients], made))
-        record(runtime_name, "ensemble, JPEG over gRPC", size, clients, (served, foreign), ensemble_cosine,
-               in_process=(f"decode + model, batch {size * clients}", twin_rate))
+        (twin_rate, served, path_floor), foreign = load.measured_quietly(
+            lambda: side_by_side(in_process["decode"][size * clients], made, path, size, clients))
+        record(runtime_name, path, size, clients, (served, foreign), ensemble_cosine,
+               in_process=(f"decode + model, batch {size * clients}", twin_rate), floor=path_floor)
     model_twin, model_cosine = in_process["model"]
     for clients in (1, CONCURRENCY):
         for path, made, cosine in (("tensor, gRPC", calls.tensor_clients(tensor_model, pixels, batches, clients), tensor_cosine),
                                    ("tensor, shared memory", calls.shared_memory_clients(regions, tensor_model, pixels, batches, clients),
                                     shared_cosine)):
-            (twin_rate, served), foreign = load.measured_quietly(lambda: paired(model_twin, made))
-            record(runtime_name, path, BATCH, clients, (served, foreign), cosine, in_process=(f"model, batch {BATCH}", twin_rate))
+            (twin_rate, served, path_floor), foreign = load.measured_quietly(lambda: side_by_side(model_twin, made, path, BATCH, clients))
+            record(runtime_name, path, BATCH, clients, (served, foreign), cosine, in_process=(f"model, batch {BATCH}", twin_rate),
+                   floor=path_floor)
     print(f"  ({runtime_name} in-process model: min cosine {model_cosine:.6f})", flush=True)
 
 
@@ -547,96 +566,112 @@ def print_frames_table(rows: list[FrameRow], seconds: float, rounds: int) -> Non
           f"of {rounds} rounds of {seconds / rounds:.1f} s.")
 
 
-@dataclass(frozen=True, kw_only=True)
-class FloorRow:
-    path: str
-    batch: int
-    clients: int
-    requests_per_s: float
-    server_cpu_ms: float  # tritonserver and its stubs, per request
-    client_cpu_ms: float  # the load generator, per request
-
-
-def serving_floor(seconds: float, workdir: Path, settings, load: ForeignLoad) -> list[FloorRow]:
+class DoNothingServer:
     """The served paths with `preprocess` and the tensor model replaced by a model that does nothing
-    (benchmarks/do_nothing_model.py), under the configs `osnet-build` writes: what serving costs by itself.
-    A served row can reach at most its in-process twin's time over (that time + this floor's)."""
-    from engine_builder.cpu_runtimes import RUNTIMES
-    from engine_builder.synthetic_people import person_jpegs
-    from engine_builder.triton_repository import write_cpu_models
-    from osnet_base.contract import INPUT_SHAPE
-    from osnet_base.triton_server import TritonServerConfig, TritonServerProcess
+    (benchmarks/do_nothing_model.py), under the configs `osnet-build` writes: what serving costs by
+    itself. It runs for the whole benchmark, idle while the real server is measured, so that each
+    served row's floor is measured in the same alternating rounds as the row and its twin."""
 
-    repository = workdir / "do_nothing"
-    tensor_model = write_cpu_models(repository, "osnet_x0_25", settings, RUNTIMES[BASELINE_RUNTIME])
-    for step in ("preprocess", tensor_model):
-        shutil.copyfile(Path(__file__).with_name("do_nothing_model.py"), repository / step / "1" / "model.py")
-    jpegs = person_jpegs(BATCH * 2, cameras=3, seed=21)
-    pixels = np.random.default_rng(0).integers(0, 256, (BATCH, *INPUT_SHAPE), dtype=np.uint8)
-    rows = []
-    with TritonServerProcess(TritonServerConfig(model_repository=repository)) as server:
-        load.groups.add(server.pid)
-        calls, regions = PreparedCalls(server.grpc_url), SharedRegions(server.grpc_url)
-        try:
-            whole = [slice(0, BATCH)]
-            plan = [("ensemble, JPEG over gRPC", 1, CONCURRENCY, calls.jpeg_clients(jpegs, 1, CONCURRENCY)),
-                    ("ensemble, JPEG over gRPC", BATCH, 1, calls.jpeg_clients(jpegs, BATCH, 1))]
-            for clients in (1, CONCURRENCY):
-                plan += [("tensor, gRPC", BATCH, clients, calls.tensor_clients(tensor_model, pixels, whole, clients)),
-                         ("tensor, shared memory", BATCH, clients, calls.shared_memory_clients(regions, tensor_model, pixels, whole, clients))]
-            for path, batch, clients, made in plan:
+    def __init__(self, workdir: Path, settings, load: ForeignLoad):
+        from engine_builder.cpu_runtimes import RUNTIMES
+        from engine_builder.synthetic_people import person_jpegs
+        from engine_builder.triton_repository import write_cpu_models
+        from osnet_base.contract import INPUT_SHAPE
+        from osnet_base.triton_server import TritonServerConfig, TritonServerProcess
 
-                def run(made=made, batch=batch):
-                    for call in made:
-                        call()  # warm-up
-                    server_started, started = _group_cpu_s({server.pid}), time.perf_counter()
-                    images_per_s, client_cores = _one_round(made, seconds)
-                    requests = images_per_s / batch * (time.perf_counter() - started)
-                    return images_per_s, client_cores, (_group_cpu_s({server.pid}) - server_started) / requests * 1e3
+        repository = workdir / "do_nothing"
+        self._tensor_model = write_cpu_models(repository, "osnet_x0_25", settings, RUNTIMES[BASELINE_RUNTIME])
+        for step in ("preprocess", self._tensor_model):
+            shutil.copyfile(Path(__file__).with_name("do_nothing_model.py"), repository / step / "1" / "model.py")
+        self._jpegs = person_jpegs(BATCH * 2, cameras=3, seed=21)
+        self._pixels = np.random.default_rng(0).integers(0, 256, (BATCH, *INPUT_SHAPE), dtype=np.uint8)
+        self._server = TritonServerProcess(TritonServerConfig(model_repository=repository))
+        self._load, self._clients, self._stack = load, {}, ExitStack()
 
-                (images_per_s, client_cores, server_cpu_ms), _ = load.measured_quietly(run)
-                requests_per_s = images_per_s / batch
-                rows.append(FloorRow(path=path, batch=batch, clients=clients, requests_per_s=requests_per_s,
-                                     server_cpu_ms=server_cpu_ms, client_cpu_ms=client_cores / requests_per_s * 1e3))
-                print(f"  do-nothing models  {path:<30} {batch:>2} x {clients}: {requests_per_s:8.1f} requests/s", flush=True)
-        finally:
-            calls.close()
-            regions.close()
-            load.groups.discard(server.pid)
-    return rows
+    def __enter__(self) -> DoNothingServer:
+        with ExitStack() as stack:
+            server = stack.enter_context(self._server)
+            self._load.groups.add(server.pid)
+            stack.callback(self._load.groups.discard, server.pid)
+            self._calls = PreparedCalls(server.grpc_url)
+            stack.callback(self._calls.close)
+            self._regions = SharedRegions(server.grpc_url)
+            stack.callback(self._regions.close)
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stack.close()
+
+    def _made(self, path: str, batch: int, clients: int) -> list[Callable[[], int]]:
+        whole = [slice(0, BATCH)]
+        if path.startswith("ensemble"):
+            return self._calls.jpeg_clients(self._jpegs, batch, clients)
+        if path == "tensor, gRPC":
+            return self._calls.tensor_clients(self._tensor_model, self._pixels, whole, clients)
+        return self._calls.shared_memory_clients(self._regions, self._tensor_model, self._pixels, whole, clients)
+
+    def round_of(self, path: str, batch: int, clients: int) -> Callable[[float], Floor]:
+        """One round of `path` at `batch` images x `clients`, for `seconds`: its requests/s and CPU per request."""
+        key = (path, batch, clients)
+        if key not in self._clients:
+            self._clients[key] = self._made(path, batch, clients)
+            for call in self._clients[key]:
+                call()  # warm-up
+        made = self._clients[key]
+
+        def one_round(seconds: float) -> Floor:
+            server_started, started = _group_cpu_s({self._server.pid}), time.perf_counter()
+            images_per_s, client_cores = _one_round(made, seconds)
+            requests_per_s = images_per_s / batch
+            requests = requests_per_s * (time.perf_counter() - started)
+            return Floor(requests_per_s=requests_per_s, client_cpu_ms=client_cores / requests_per_s * 1e3,
+                         server_cpu_ms=(_group_cpu_s({self._server.pid}) - server_started) / requests * 1e3)
+
+        return one_round
 
 
-def print_floor_table(rows: list[FloorRow]) -> None:
-    print("\nThe serving path with models that do nothing (`preprocess` and the tensor model replaced by "
-          "benchmarks/do_nothing_model.py, the configs as `osnet-build` writes them):\n")
-    print("| path | images/request x clients | requests/s | ms per request | server CPU ms per request | load generator CPU ms per request |")
-    print("|---|---:|---:|---:|---:|---:|")
+def print_floor_table(rows: list[Row]) -> None:
+    """Each served path's floor, as it ranged over the rows it was measured beside."""
+    floors: dict[tuple[str, int, int], list[Floor]] = {}
     for row in rows:
-        print(f"| {row.path} | {row.batch} x {row.clients} | {row.requests_per_s:.0f} | {row.clients / row.requests_per_s * 1e3:.2f} | "
-              f"{row.server_cpu_ms:.3f} | {row.client_cpu_ms:.3f} |")
+        if row.floor is not None:
+            floors.setdefault((row.path, row.batch, row.clients), []).append(row.floor)
+    print("\nThe serving path with models that do nothing (`preprocess` and the tensor model replaced by "
+          "benchmarks/do_nothing_model.py, the configs as `osnet-build` writes them), measured beside each served row; "
+          "lowest to highest over those rows:\n")
+    print("| path | images/request x clients | rows | requests/s | ms per request | server CPU ms per request | "
+          "load generator CPU ms per request |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+
+    def spread(values: list[float], digits: int) -> str:
+        return f"{min(values):.{digits}f}-{max(values):.{digits}f}"
+
+    for (path, batch, clients), measured in floors.items():
+        print(f"| {path} | {batch} x {clients} | {len(measured)} | {spread([floor.requests_per_s for floor in measured], 0)} | "
+              f"{spread([clients / floor.requests_per_s * 1e3 for floor in measured], 2)} | "
+              f"{spread([floor.server_cpu_ms for floor in measured], 3)} | {spread([floor.client_cpu_ms for floor in measured], 3)} |")
 
 
-def serving_bound(row: Row, floor: FloorRow) -> float:
+def serving_bound(row: Row) -> float:
     """The highest ratio `row` could reach if serving cost no more than with models that do nothing:
     one client waits for the floor's time per request on top of its twin's; several keep every core
     busy and pay the floor's CPU per request (server and load generator) on top of the twin's."""
     twin_ms = row.batch / row.in_process_images_per_s * 1e3
     if row.clients == 1:
-        return twin_ms / (twin_ms + 1e3 / floor.requests_per_s)
-    twin_cpu_ms = twin_ms * os.cpu_count()
-    return twin_cpu_ms / (twin_cpu_ms + floor.server_cpu_ms + floor.client_cpu_ms)
+        return twin_ms / (twin_ms + 1e3 / row.floor.requests_per_s)
+    twin_cpu_ms = twin_ms * CORES
+    return twin_cpu_ms / (twin_cpu_ms + row.floor.server_cpu_ms + row.floor.client_cpu_ms)
 
 
-def print_table(rows: list[Row], floor_rows: list[FloorRow], choices: dict[str, str], settings, seconds: float, rounds: int) -> None:
+def print_table(rows: list[Row], choices: dict[str, str], settings, seconds: float, rounds: int) -> None:
     from osnet_base.triton_server import KEEP_LARGE_BUFFERS
 
-    floors = {(floor.path, floor.batch, floor.clients): floor for floor in floor_rows}
     print("\n| variant | runtime | path | images/request x clients | img/s | in-process, measured alongside | in-process img/s "
           "| ratio | target | bound with do-nothing models | min cosine | load generator cores | others' cores |")
     print("|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        floor = floors.get((row.path, row.batch, row.clients))
-        bound = f"{serving_bound(row, floor):.2f}" if floor is not None and row.in_process_images_per_s else "-"
+        bound = f"{serving_bound(row):.2f}" if row.floor is not None else "-"
         target = next((value for key, value in TARGETS.items() if row.path.startswith(key)), None)
         paired = row.in_process_images_per_s is not None
         ratio = row.images_per_s / row.in_process_images_per_s if paired else None
@@ -650,7 +685,7 @@ def print_table(rows: list[Row], floor_rows: list[FloorRow], choices: dict[str, 
     for variant, choice in choices.items():
         print(f"- {variant}: auto picks {choice}.")
     instances, threads = settings.preprocess_layout()
-    print(f"\n{os.cpu_count()} CPU cores; the server and the load generator share them. Each row: best of {rounds} rounds of "
+    print(f"\n{CORES} CPU cores; the servers and the load generator share them. Each row: best of {rounds} rounds of "
           f"{seconds / rounds:.1f} s. preprocess: {instances} instance(s) x {threads} decode thread(s); tensor model: "
           f"{settings.instances} instance(s), threads {settings.threads_per_instance() or 'runtime default'}; dynamic batching "
           f"with a {settings.max_queue_delay_us} us queue delay; glibc keeps large buffers ({KEEP_LARGE_BUFFERS}) in the "
@@ -741,15 +776,16 @@ def main() -> None:
     choices: dict[str, str] = {}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="osnet_bench_") as workdir:
+        if not args.frames_only:
+            with DoNothingServer(Path(workdir), settings, load) as floor:
+                for variant in args.variants:
+                    variant_rows, choices[variant] = benchmark_variant(variant, args.seconds, args.rounds, Path(workdir), settings,
+                                                                       load, floor)
+                    rows += variant_rows
+            print_floor_table(rows)
+            print_table(rows, choices, settings, args.seconds, args.rounds)
         for variant in args.variants:
-            if not args.frames_only:
-                variant_rows, choices[variant] = benchmark_variant(variant, args.seconds, args.rounds, Path(workdir), settings, load)
-                rows += variant_rows
             frame_rows += benchmark_frames(variant, args.seconds, args.rounds, Path(workdir), settings, load)
-        floor_rows = [] if args.frames_only else serving_floor(args.seconds / args.rounds, Path(workdir), settings, load)
-        if rows:
-            print_floor_table(floor_rows)
-            print_table(rows, floor_rows, choices, settings, args.seconds, args.rounds)
         print_frames_table(frame_rows, args.seconds, args.rounds)
     if not args.frames_only:
         budget_rows(settings)
