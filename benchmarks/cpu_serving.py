@@ -678,7 +678,7 @@ def print_table(rows: list[Row], choices: dict[str, str], settings, seconds: flo
         verdict = "-" if not paired else f">= {target} ({'met' if ratio >= target else '**missed**'})"
         print(f"| {row.variant.removeprefix('osnet_')} | {row.runtime} | {row.path} | {row.batch} x {row.clients} | "
               f"{row.images_per_s:.1f} | {row.in_process or '-'} | {f'{row.in_process_images_per_s:.1f}' if paired else '-'} | "
-              f"{f'{ratio:.2f}' if paired else '-'} | {verdict} | {bound} | "
+              f"{f'{ratio:.3f}' if paired else '-'} | {verdict} | {bound} | "
               f"{'-' if row.min_cosine is None else f'{row.min_cosine:.6f}'} | "
               f"{'-' if row.client_cores is None else f'{row.client_cores:.2f}'} | {row.foreign_cores:.2f} |")
     print()
