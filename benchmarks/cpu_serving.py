@@ -60,7 +60,9 @@ EMBEDDING_ROW_BYTES = 4 * FEATURE_DIM
 BASELINE_RUNTIME = "onnxruntime-fp32"
 BOXES_PER_FRAME = (8, 32)
 FRAME_WIDTH, FRAME_HEIGHT, FRAME_JPEG_QUALITY = 1280, 720, 90
-TARGETS = {"ensemble": 0.8, "tensor, gRPC": 0.9, "tensor, shared memory": 0.95}
+# The served paths: each row of the real server and its floor on the do-nothing one are named by these.
+JPEG_PATH, TENSOR_GRPC_PATH, TENSOR_SHARED_PATH = "ensemble, JPEG over gRPC", "tensor, gRPC", "tensor, shared memory"
+TARGETS = {JPEG_PATH: 0.8, TENSOR_GRPC_PATH: 0.9, TENSOR_SHARED_PATH: 0.95}
 # Above this many cores busy with other people's work, a row is not a measurement of ours.
 QUIET_CORES = 0.1
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -462,17 +464,16 @@ def served_rows(url, runtime_name, tensor_model, jpegs, pixels, reference, batch
         (twin_rate, _), served, path_floor = measure_side_by_side(twin, made, floor.round_of(path, batch, clients), seconds, rounds)
         return twin_rate, served, path_floor
 
-    path = "ensemble, JPEG over gRPC"
     for size, clients in ((1, CONCURRENCY), (BATCH, 1)):
         made = calls.jpeg_clients(jpegs, size, clients)
         (twin_rate, served, path_floor), foreign = load.measured_quietly(
-            lambda: side_by_side(in_process["decode"][size * clients], made, path, size, clients))
-        record(runtime_name, path, size, clients, (served, foreign), ensemble_cosine,
+            lambda: side_by_side(in_process["decode"][size * clients], made, JPEG_PATH, size, clients))
+        record(runtime_name, JPEG_PATH, size, clients, (served, foreign), ensemble_cosine,
                in_process=(f"decode + model, batch {size * clients}", twin_rate), floor=path_floor)
     model_twin, model_cosine = in_process["model"]
     for clients in (1, CONCURRENCY):
-        for path, made, cosine in (("tensor, gRPC", calls.tensor_clients(tensor_model, pixels, batches, clients), tensor_cosine),
-                                   ("tensor, shared memory", calls.shared_memory_clients(regions, tensor_model, pixels, batches, clients),
+        for path, made, cosine in ((TENSOR_GRPC_PATH, calls.tensor_clients(tensor_model, pixels, batches, clients), tensor_cosine),
+                                   (TENSOR_SHARED_PATH, calls.shared_memory_clients(regions, tensor_model, pixels, batches, clients),
                                     shared_cosine)):
             (twin_rate, served, path_floor), foreign = load.measured_quietly(lambda: side_by_side(model_twin, made, path, BATCH, clients))
             record(runtime_name, path, BATCH, clients, (served, foreign), cosine, in_process=(f"model, batch {BATCH}", twin_rate),
@@ -605,11 +606,12 @@ class DoNothingServer:
 
     def _made(self, path: str, batch: int, clients: int) -> list[Callable[[], int]]:
         whole = [slice(0, BATCH)]
-        if path.startswith("ensemble"):
-            return self._calls.jpeg_clients(self._jpegs, batch, clients)
-        if path == "tensor, gRPC":
-            return self._calls.tensor_clients(self._tensor_model, self._pixels, whole, clients)
-        return self._calls.shared_memory_clients(self._regions, self._tensor_model, self._pixels, whole, clients)
+        makers = {
+            JPEG_PATH: lambda: self._calls.jpeg_clients(self._jpegs, batch, clients),
+            TENSOR_GRPC_PATH: lambda: self._calls.tensor_clients(self._tensor_model, self._pixels, whole, clients),
+            TENSOR_SHARED_PATH: lambda: self._calls.shared_memory_clients(self._regions, self._tensor_model, self._pixels, whole, clients),
+        }
+        return makers[path]()  # a path with no floor is a KeyError, not another path's floor
 
     def round_of(self, path: str, batch: int, clients: int) -> Callable[[float], Floor]:
         """One round of `path` at `batch` images x `clients`, for `seconds`: its requests/s and CPU per request."""
@@ -672,7 +674,7 @@ def print_table(rows: list[Row], choices: dict[str, str], settings, seconds: flo
     print("|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         bound = f"{serving_bound(row):.2f}" if row.floor is not None else "-"
-        target = next((value for key, value in TARGETS.items() if row.path.startswith(key)), None)
+        target = TARGETS.get(row.path)
         paired = row.in_process_images_per_s is not None
         ratio = row.images_per_s / row.in_process_images_per_s if paired else None
         verdict = "-" if not paired else f">= {target} ({'met' if ratio >= target else '**missed**'})"
