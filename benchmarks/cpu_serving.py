@@ -351,7 +351,7 @@ class InProcessPipeline:
 
 
 def benchmark_variant(variant: str, seconds: float, rounds: int, workdir: Path, settings, load: ForeignLoad,
-                      floor: DoNothingServer) -> tuple[list[Row], str]:
+                      do_nothing: DoNothingServer) -> tuple[list[Row], str]:
     import torch
 
     from engine_builder.build import make_cpu_graphs, pytorch_embeddings
@@ -441,7 +441,7 @@ def benchmark_variant(variant: str, seconds: float, rounds: int, workdir: Path, 
             calls, regions = PreparedCalls(server.grpc_url), SharedRegions(server.grpc_url)
             try:
                 served_rows(server.grpc_url, runtime_name, tensor_model, jpegs, pixels, reference, batches, calls, regions,
-                            record, load, seconds, rounds, in_process, floor)
+                            record, load, seconds, rounds, in_process, do_nothing)
             finally:
                 calls.close()
                 regions.close()
@@ -451,7 +451,7 @@ def benchmark_variant(variant: str, seconds: float, rounds: int, workdir: Path, 
 
 
 def served_rows(url, runtime_name, tensor_model, jpegs, pixels, reference, batches, calls, regions, record, load, seconds,
-                rounds, in_process, floor: DoNothingServer) -> None:
+                rounds, in_process, do_nothing: DoNothingServer) -> None:
     from client.embedding_client import EmbeddingClient
 
     with EmbeddingClient(url) as client:
@@ -461,7 +461,7 @@ def served_rows(url, runtime_name, tensor_model, jpegs, pixels, reference, batch
         shared_cosine = min_cosine(np.concatenate([client.embed_tensors(pixels[part], tensor_model) for part in batches]), reference)
 
     def side_by_side(twin: Callable[[], int], made: list[Callable[[], int]], path: str, batch: int, clients: int):
-        (twin_rate, _), served, path_floor = measure_side_by_side(twin, made, floor.round_of(path, batch, clients), seconds, rounds)
+        (twin_rate, _), served, path_floor = measure_side_by_side(twin, made, do_nothing.round_of(path, batch, clients), seconds, rounds)
         return twin_rate, served, path_floor
 
     for size, clients in ((1, CONCURRENCY), (BATCH, 1)):
@@ -779,10 +779,10 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="osnet_bench_") as workdir:
         if not args.frames_only:
-            with DoNothingServer(Path(workdir), settings, load) as floor:
+            with DoNothingServer(Path(workdir), settings, load) as do_nothing:
                 for variant in args.variants:
                     variant_rows, choices[variant] = benchmark_variant(variant, args.seconds, args.rounds, Path(workdir), settings,
-                                                                       load, floor)
+                                                                       load, do_nothing)
                     rows += variant_rows
             print_floor_table(rows)
             print_table(rows, choices, settings, args.seconds, args.rounds)
